@@ -1,0 +1,97 @@
+"""The ``evojax-merge`` command line.
+
+    evojax-merge run CONFIG.yaml [--out RUN_DIR] [--set section.key=value ...]
+    evojax-merge run --resume RUN_DIR
+    evojax-merge plot RUN_DIR [RUN_DIR ...] --out FIGURE.png
+
+Errors caused by the input (bad config, missing data, unusable checkpoint) print one line naming the
+problem and exit with status 2; an interrupted run (Ctrl-C) saves a checkpoint and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from evojax_merge.errors import EvojaxMergeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evojax-merge", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run an experiment config (or resume a run directory)")
+    run.add_argument("config", nargs="?", help="experiment YAML, e.g. experiments/digits/m2n2.yaml")
+    run.add_argument("--out", help="run directory to create (default: run.out_dir/NAME-TIMESTAMP)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    plot = commands.add_parser("plot", help="plot the test accuracy of one or more runs in one figure")
+    plot.add_argument("run_dirs", nargs="+")
+    plot.add_argument("--out", required=True, help="PNG file to write")
+    plot.add_argument("--title", default="")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args, parser)
+        if args.command == "plot":
+            return _plot(args)
+    except EvojaxMergeError as e:
+        print(f"evojax-merge: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args, parser) -> int:
+    from evojax_merge.config import load_config
+    from evojax_merge.run.experiment import new_run_dir, resume_experiment, run_experiment
+
+    if args.resume:
+        if args.config or args.set or args.out:
+            parser.error("--resume takes only the run directory: its config.yaml defines the run")
+        summary = resume_experiment(args.resume, progress=not args.no_progress)
+        run_dir = pathlib.Path(args.resume)
+    else:
+        if not args.config:
+            parser.error("run needs a CONFIG.yaml (or --resume RUN_DIR)")
+        config = load_config(args.config, args.set)
+        run_dir = new_run_dir(config, args.out)
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        summary = run_experiment(config, run_dir, progress=not args.no_progress)
+    mean, se = summary["final_test_accuracy_mean"], summary["final_test_accuracy_standard_error"]
+    print(
+        f"{summary['name']}: test accuracy {100 * mean:.2f}% +- {100 * se:.2f} (1 SE, {len(summary['seeds'])} seeds) "
+        f"after {summary['forward_passes_per_seed']} forward passes; results in {run_dir}"
+    )
+    if summary["status"] == "interrupted":
+        print(f"interrupted: resume with `evojax-merge run --resume {run_dir}`", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _plot(args) -> int:
+    from evojax_merge.config import load_config
+    from evojax_merge.run.experiment import read_metrics
+    from evojax_merge.run.plot import plot_curves
+
+    curves = []
+    for run_dir in args.run_dirs:
+        if not (pathlib.Path(run_dir) / "metrics.csv").is_file():
+            raise EvojaxMergeError(f"{run_dir} has no metrics.csv: not a run directory")
+        metrics = read_metrics(run_dir)
+        name = load_config(pathlib.Path(run_dir) / "config.yaml").name
+        curves.append({"label": name, "forward_passes": metrics["forward_passes"][:, 0], "values": metrics["test_accuracy"]})
+    plot_curves(curves, args.out, title=args.title)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

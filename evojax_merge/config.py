@@ -1,0 +1,182 @@
+"""Experiment configuration: typed dataclasses read from YAML, checked before anything runs.
+
+A config file mirrors :class:`ExperimentConfig`; unknown keys, wrong types and impossible values raise
+:class:`~evojax_merge.errors.ConfigError` naming the offending key. The resolved config (defaults filled
+in) is written into every run directory, so a run can be reproduced from that one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from evojax_merge.errors import ConfigError
+
+
+@dataclasses.dataclass
+class DataConfig:
+    name: str = "digits"  # digits | idx | fashion_mnist_debian | tfds:<name>
+    path: str | None = None  # IDX folder or tfds data_dir
+    scale: float = 1.0  # inputs are multiplied by this (digits: 1, the paper feeds raw 0..16 pixels)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    hidden_sizes: list[int] = dataclasses.field(default_factory=lambda: [256])
+    init_std: float = 0.01  # std of every weight and bias of a from-scratch seed model
+
+    def validate(self):
+        _check(all(h > 0 for h in self.hidden_sizes), "model.hidden_sizes", "must all be positive")
+        _check(self.init_std >= 0, "model.init_std", "must be >= 0")
+
+
+@dataclasses.dataclass
+class StrategyConfig:
+    name: str = "m2n2"
+    archive_size: int = 20
+    num_seed_models: int = 2  # random models the archive starts from; the other slots start empty
+    alpha: float = 1.0  # competition strength (0 with matchmaker off is the GA baseline)
+    matchmaker: bool = True  # attraction: choose parent B by complementarity to parent A
+    crossover: bool = True
+    split_point: bool = True
+    mutation_std: float = 0.01  # 0 disables mutation (pre-trained or LLM seeds)
+    children_per_step: int = 1  # > 1 is the batched variant for wide accelerators
+
+    def validate(self):
+        _check(self.name in STRATEGIES, "strategy.name", f"must be one of {sorted(STRATEGIES)}")
+        _check(self.archive_size >= 2, "strategy.archive_size", "must be >= 2")
+        _check(
+            1 <= self.num_seed_models <= self.archive_size,
+            "strategy.num_seed_models",
+            f"must be between 1 and archive_size ({self.archive_size})",
+        )
+        _check(self.alpha >= 0, "strategy.alpha", "must be >= 0")
+        _check(self.mutation_std >= 0, "strategy.mutation_std", "must be >= 0")
+        _check(self.children_per_step >= 1, "strategy.children_per_step", "must be >= 1")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    forward_passes: int = 50_000  # budget per seed, the seed models' evaluations included
+    seeds: list[int] = dataclasses.field(default_factory=lambda: list(range(42, 52)))
+    log_every: int = 500  # forward passes between logged points (test accuracy of the best model)
+    checkpoint_every: int = 5_000  # forward passes between checkpoints
+    out_dir: str = "runs"
+
+    def validate(self, strategy: StrategyConfig):
+        _check(len(self.seeds) >= 1, "run.seeds", "must list at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), "run.seeds", "must not repeat a seed")
+        _check(
+            self.forward_passes > strategy.num_seed_models,
+            "run.forward_passes",
+            f"must exceed the {strategy.num_seed_models} evaluations of the seed models",
+        )
+        k = strategy.children_per_step
+        _check(self.log_every > 0 and self.log_every % k == 0, "run.log_every", f"must be a positive multiple of children_per_step ({k})")
+        _check(
+            self.checkpoint_every > 0 and self.checkpoint_every % self.log_every == 0,
+            "run.checkpoint_every",
+            f"must be a positive multiple of run.log_every ({self.log_every})",
+        )
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "m2n2-digits"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        _check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        self.model.validate()
+        self.strategy.validate()
+        self.run.validate(self.strategy)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+STRATEGIES = ("m2n2",)
+
+
+def _check(ok: bool, key: str, message: str):
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"in '{prefix}' " if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!r}; known keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    # bool is an int in Python: accept exactly bool for bool and refuse it for numbers.
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{key}' must be of type {hint.__name__}, got {value!r}")
+
+
+def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (or the defaults when ``path`` is None), apply ``key.sub=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: '{part}' is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(ExperimentConfig, data).validate()
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

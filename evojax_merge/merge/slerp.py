@@ -1,0 +1,38 @@
+"""Spherical linear interpolation (SLERP) of parameter pytrees.
+
+The angle is measured once between the whole (flattened) parameter vectors, as M2N2 does, and the
+interpolation falls back to linear when the vectors are (anti-)parallel or zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Below this sin(angle) the SLERP weights are numerically meaningless: interpolate linearly instead.
+PARALLEL_EPS = 1e-6
+
+
+def tree_vdot(a, b) -> jax.Array:
+    """Inner product of two pytrees seen as flat vectors (accumulated in float32)."""
+    parts = jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b)
+    return sum(jax.tree.leaves(parts), jnp.float32(0))
+
+
+def slerp_coefficients(t: jax.Array, a, b) -> tuple[jax.Array, jax.Array]:
+    """Coefficients (c_a, c_b) with slerp(t, a, b) = c_a * a + c_b * b; t = 0 gives a, t = 1 gives b."""
+    norm_product = jnp.sqrt(tree_vdot(a, a) * tree_vdot(b, b))
+    cos_omega = jnp.clip(tree_vdot(a, b) / jnp.maximum(norm_product, 1e-30), -1.0, 1.0)
+    omega = jnp.arccos(cos_omega)
+    sin_omega = jnp.sin(omega)
+    spherical = sin_omega > PARALLEL_EPS
+    safe_sin = jnp.where(spherical, sin_omega, 1.0)
+    c_a = jnp.where(spherical, jnp.sin((1.0 - t) * omega) / safe_sin, 1.0 - t)
+    c_b = jnp.where(spherical, jnp.sin(t * omega) / safe_sin, t)
+    return c_a, c_b
+
+
+def slerp(t: jax.Array, a, b):
+    """SLERP between pytrees ``a`` and ``b`` with weight ``t`` on ``b``."""
+    c_a, c_b = slerp_coefficients(t, a, b)
+    return jax.tree.map(lambda x, y: (c_a * x + c_b * y).astype(x.dtype), a, b)

@@ -1,0 +1,109 @@
+"""The compiled evolution loop: ask -> evaluate -> tell under ``lax.scan``, vmapped over independent runs.
+
+One run (one seed) is a :class:`RunState`; a batch of runs is the same pytree with a leading seed axis,
+so ``jax.vmap`` turns 10 runs into one program whose evaluations share matrix multiplications (the
+training inputs are the same for every run, so the first layer of all runs is one large GEMM).
+Python only steps from one logged point to the next: there is no Python step per child.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from evojax_merge.tasks.classification import Batch
+
+
+@struct.dataclass
+class RunState:
+    strategy_state: Any
+    key: jax.Array  # raw uint32 PRNG key: checkpoints store it as plain data
+    forward_passes: jax.Array  # evaluations of the training set so far (the cost unit)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evolution:
+    """Everything one run needs besides its data: the strategy and how to make and score a model.
+
+    Args:
+      strategy: an evosax-style algorithm taking per-data-point scores (e.g. :class:`M2N2`).
+      strategy_params: its dynamic parameters.
+      score_fn: ``(params, batch) -> (n,) scores`` (the task contract).
+      init_model_fn: ``key -> params`` of one fresh seed model.
+      num_seed_models: models the archive starts from.
+    """
+
+    strategy: Any
+    strategy_params: Any
+    score_fn: Callable[[Any, Batch], jax.Array]
+    init_model_fn: Callable[[jax.Array], Any]
+    num_seed_models: int
+
+    def init(self, seed_key: jax.Array, train: Batch) -> RunState:
+        """Create and evaluate the seed models and the strategy state for one run."""
+        key, key_models, key_strategy = jax.random.split(seed_key, 3)
+        models = jax.vmap(self.init_model_fn)(jax.random.split(key_models, self.num_seed_models))
+        scores = jax.vmap(self.score_fn, in_axes=(0, None))(models, train)
+        state = self.strategy.init(key_strategy, models, scores, self.strategy_params)
+        return RunState(state, key, jnp.int32(self.num_seed_models))
+
+    def step(self, run: RunState, train: Batch) -> RunState:
+        """One generation: breed, evaluate every child on the whole training set, update the archive."""
+        key, key_ask, key_tell = jax.random.split(run.key, 3)
+        children, state = self.strategy.ask(key_ask, run.strategy_state, self.strategy_params)
+        scores = jax.vmap(self.score_fn, in_axes=(0, None))(children, train)
+        state, _ = self.strategy.tell(key_tell, children, scores, state, self.strategy_params)
+        return RunState(state, key, run.forward_passes + scores.shape[0])
+
+    def advance(self, run: RunState, train: Batch, num_steps: int) -> RunState:
+        """``num_steps`` generations in one ``lax.scan``."""
+        return jax.lax.scan(lambda r, _: (self.step(r, train), None), run, length=num_steps)[0]
+
+    def report(self, run: RunState, test: Batch) -> dict[str, jax.Array]:
+        """What is logged: the archive member with the best training score, and its test score."""
+        state = run.strategy_state
+        train_score = jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
+        best = jnp.argmax(train_score)
+        best_model = jax.tree.map(lambda x: x[best], state.archive)
+        return {
+            "forward_passes": run.forward_passes,
+            "train_accuracy": train_score[best],
+            "test_accuracy": self.score_fn(best_model, test).mean(),
+            "archive_filled": jnp.sum(state.filled),
+            "rejected_nonfinite": state.num_rejected_nonfinite,
+        }
+
+    def compile_chunk(self, num_steps: int):
+        """A jitted ``(runs, train, test) -> (runs, report)`` advancing a batch of runs by ``num_steps``."""
+
+        def chunk(run, train, test):
+            run = self.advance(run, train, num_steps)
+            return run, self.report(run, test)
+
+        return jax.jit(jax.vmap(chunk, in_axes=(0, None, None)))
+
+    def compile_init(self):
+        """A jitted ``(seed_keys, train, test) -> (runs, report)`` for a batch of runs."""
+
+        def init(seed_key, train, test):
+            run = self.init(seed_key, train)
+            return run, self.report(run, test)
+
+        return jax.jit(jax.vmap(init, in_axes=(0, None, None)))
+
+
+def log_schedule(forward_passes: int, num_seed_models: int, children_per_step: int, log_every: int) -> list[int]:
+    """Generations between consecutive logged points, so that the run spends exactly its budget.
+
+    Every entry is ``log_every // children_per_step`` except possibly a shorter last one; the budget
+    counts the seed models' evaluations. A final partial generation is dropped rather than overspent.
+    """
+    total_steps = (forward_passes - num_seed_models) // children_per_step
+    per_log = log_every // children_per_step
+    full, rest = divmod(total_steps, per_log)
+    return [per_log] * full + ([rest] if rest else [])

@@ -1,0 +1,198 @@
+"""Run an experiment config end to end: run directory, compiled loop, metrics, plot, checkpoints, resume.
+
+Layout of a run directory (created before anything is computed)::
+
+    RUN_DIR/
+      config.yaml      the resolved config: `evojax-merge run RUN_DIR/config.yaml` reproduces the run
+      metrics.csv      one row per seed and logged point (forward passes, train and test accuracy, ...)
+      summary.json     final test accuracy (mean, standard error, per seed), speed, status
+      test_accuracy.png  test accuracy against forward passes, band = 1 standard error over seeds
+      checkpoints/     orbax checkpoints of the whole loop state, for --resume
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evojax_merge.config import ExperimentConfig, dump_config, load_config
+from evojax_merge.data import load_dataset
+from evojax_merge.errors import CheckpointError, ConfigError
+from evojax_merge.models.mlp import MLP
+from evojax_merge.run.checkpoint import RunCheckpoints
+from evojax_merge.run.evolve import Evolution, log_schedule
+from evojax_merge.run.files import write_atomic, write_csv, write_json
+from evojax_merge.run.plot import mean_and_standard_error, plot_curves
+from evojax_merge.strategies.m2n2 import M2N2, Params
+from evojax_merge.tasks.classification import classification_scores
+
+METRIC_KEYS = ("forward_passes", "train_accuracy", "test_accuracy", "archive_filled", "rejected_nonfinite")
+
+
+def build_evolution(config: ExperimentConfig, num_features: int, num_classes: int) -> Evolution:
+    """The strategy, task and model a config describes."""
+    model = MLP(tuple(config.model.hidden_sizes), num_classes, config.model.init_std)
+    template = jax.eval_shape(lambda key: model.init_params(key, num_features), jax.random.PRNGKey(0))
+    s = config.strategy
+    strategy = M2N2(
+        archive_size=s.archive_size,
+        solution=template,
+        num_children=s.children_per_step,
+        crossover=s.crossover,
+        split_point=s.split_point,
+        matchmaker=s.matchmaker,
+        mutation=s.mutation_std > 0,
+    )
+    return Evolution(
+        strategy=strategy,
+        strategy_params=Params(alpha=s.alpha, mutation_std=s.mutation_std),
+        score_fn=classification_scores(model.logits),
+        init_model_fn=lambda key: model.init_params(key, num_features),
+        num_seed_models=s.num_seed_models,
+    )
+
+
+def new_run_dir(config: ExperimentConfig, out: str | None) -> pathlib.Path:
+    """Create the run directory up front (``out`` if given, else ``run.out_dir/NAME-TIMESTAMP``)."""
+    if out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = pathlib.Path(config.run.out_dir) / f"{config.name}-{stamp}"
+    run_dir = pathlib.Path(out)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} exists and is not empty; use --resume {run_dir} to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", dump_config(config))
+    return run_dir
+
+
+def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool = False, progress: bool = True):
+    """Run (or resume) the experiment in ``run_dir``; returns the summary dict also saved as summary.json."""
+    data = load_dataset(config.data.name, config.data.path)
+    scale = np.float32(config.data.scale)
+    train = (jnp.asarray(data.train.x * scale), jnp.asarray(data.train.y))
+    test = (jnp.asarray(data.test.x * scale), jnp.asarray(data.test.y))
+    evolution = build_evolution(config, data.num_features, data.num_classes)
+    schedule = log_schedule(
+        config.run.forward_passes, config.strategy.num_seed_models, config.strategy.children_per_step, config.run.log_every
+    )
+    seeds = config.run.seeds
+    num_logs = len(schedule) + 1
+    checkpoint_period = config.run.checkpoint_every // config.run.log_every
+
+    init = evolution.compile_init()
+    chunks = {n: evolution.compile_chunk(n) for n in set(schedule)}
+    seed_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    runs, report = init(seed_keys, train, test)
+    history = {k: np.zeros((num_logs, len(seeds)), np.asarray(v).dtype) for k, v in report.items()}
+    log_index = 0
+
+    checkpoints = RunCheckpoints(run_dir / "checkpoints")
+    if resume:
+        like = {"runs": runs, "history": history, "log_index": np.int32(0)}
+        _, restored = checkpoints.restore(like)
+        runs, history, log_index = restored["runs"], restored["history"], int(restored["log_index"])
+        history = {k: np.asarray(v) for k, v in history.items()}
+    else:
+        for k, v in report.items():
+            history[k][0] = np.asarray(v)
+
+    def save_checkpoint():
+        checkpoints.save(log_index, {"runs": runs, "history": history, "log_index": np.int32(log_index)})
+
+    started = time.perf_counter()
+    passes_at_start = int(history["forward_passes"][log_index].sum())
+    bar = _progress_bar(progress, config.run.forward_passes, int(history["forward_passes"][log_index][0]), config.name)
+    status = "complete"
+    try:
+        while log_index < len(schedule):
+            runs, report = chunks[schedule[log_index]](runs, train, test)
+            log_index += 1
+            for k, v in report.items():
+                history[k][log_index] = np.asarray(v)
+            _write_metrics(run_dir, seeds, history, log_index)
+            bar.update(int(history["forward_passes"][log_index][0] - history["forward_passes"][log_index - 1][0]))
+            bar.set_postfix(test_acc=f"{100 * history['test_accuracy'][log_index].mean():.2f}%")
+            if log_index % checkpoint_period == 0 or log_index == len(schedule):
+                save_checkpoint()
+    except KeyboardInterrupt:
+        status = "interrupted"
+        save_checkpoint()
+    finally:
+        bar.close()
+        checkpoints.close()
+    elapsed = time.perf_counter() - started
+    passes_done = int(history["forward_passes"][log_index].sum()) - passes_at_start
+    summary = _summary(config, seeds, history, log_index, status, elapsed, passes_done)
+    _write_metrics(run_dir, seeds, history, log_index)
+    write_json(run_dir / "summary.json", summary)
+    plot_curves(
+        [{"label": config.name, "forward_passes": history["forward_passes"][: log_index + 1, 0],
+          "values": history["test_accuracy"][: log_index + 1]}],
+        run_dir / "test_accuracy.png",
+        title=f"{config.name} on {config.data.name}",
+    )
+    return summary
+
+
+def resume_experiment(run_dir: str | pathlib.Path, progress: bool = True):
+    """Continue the run in ``run_dir`` from its latest checkpoint, with the config saved there."""
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    config = load_config(run_dir / "config.yaml")
+    return run_experiment(config, run_dir, resume=True, progress=progress)
+
+
+def read_metrics(run_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """metrics.csv of a run as arrays of shape (num_logged_points, num_seeds), seeds in config order."""
+    rows = np.genfromtxt(pathlib.Path(run_dir) / "metrics.csv", delimiter=",", names=True)
+    seeds = list(dict.fromkeys(rows["seed"].astype(int)))
+    out = {}
+    for key in rows.dtype.names:
+        if key != "seed":
+            out[key] = np.stack([rows[key][rows["seed"] == s] for s in seeds], axis=1)
+    return out
+
+
+def _write_metrics(run_dir, seeds, history, log_index):
+    rows = [
+        [seed] + [_plain(history[k][i, j]) for k in METRIC_KEYS]
+        for j, seed in enumerate(seeds)
+        for i in range(log_index + 1)
+    ]
+    write_csv(run_dir / "metrics.csv", ["seed", *METRIC_KEYS], rows)
+
+
+def _plain(value):
+    value = value.item()
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def _summary(config, seeds, history, log_index, status, elapsed, passes_done):
+    final_test = history["test_accuracy"][log_index]
+    mean, se = mean_and_standard_error(final_test[None])
+    return {
+        "name": config.name,
+        "status": status,
+        "forward_passes_per_seed": int(history["forward_passes"][log_index][0]),
+        "budget_per_seed": config.run.forward_passes,
+        "seeds": seeds,
+        "final_test_accuracy_mean": float(mean[0]),
+        "final_test_accuracy_standard_error": float(se[0]),
+        "final_test_accuracy_per_seed": [float(v) for v in final_test],
+        "final_train_accuracy_mean": float(history["train_accuracy"][log_index].mean()),
+        "rejected_nonfinite_children": int(history["rejected_nonfinite"][log_index].sum()),
+        "wall_seconds_this_session": round(elapsed, 2),
+        "forward_passes_per_second_all_seeds": round(passes_done / elapsed, 1) if elapsed > 0 else None,
+    }
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, name: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, unit="pass", disable=not enabled, dynamic_ncols=True)
