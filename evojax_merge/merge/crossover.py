@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evojax_merge.merge.slerp import slerp_coefficients
+from evojax_merge.merge.slerp import slerp_angle, slerp_weights
 
 
 def num_params(tree) -> int:
@@ -31,8 +31,9 @@ def split_point_crossover(split: jax.Array, w: jax.Array, parent_a, parent_b):
     Returns:
       The child pytree, with the dtypes of parent A.
     """
-    head_a, head_b = slerp_coefficients(w, parent_a, parent_b)
-    tail_a, tail_b = slerp_coefficients(1.0 - w, parent_a, parent_b)
+    omega = slerp_angle(parent_a, parent_b)
+    head_a, head_b = slerp_weights(w, omega)
+    tail_a, tail_b = slerp_weights(1.0 - w, omega)
     leaves_a, treedef = jax.tree.flatten(parent_a)
     leaves_b = treedef.flatten_up_to(parent_b)
     child, offset = [], 0

@@ -19,11 +19,15 @@ def tree_vdot(a, b) -> jax.Array:
     return sum(jax.tree.leaves(parts), jnp.float32(0))
 
 
-def slerp_coefficients(t: jax.Array, a, b) -> tuple[jax.Array, jax.Array]:
-    """Coefficients (c_a, c_b) with slerp(t, a, b) = c_a * a + c_b * b; t = 0 gives a, t = 1 gives b."""
+def slerp_angle(a, b) -> jax.Array:
+    """Angle between pytrees ``a`` and ``b`` seen as flat vectors (0 if either is zero)."""
     norm_product = jnp.sqrt(tree_vdot(a, a) * tree_vdot(b, b))
     cos_omega = jnp.clip(tree_vdot(a, b) / jnp.maximum(norm_product, 1e-30), -1.0, 1.0)
-    omega = jnp.arccos(cos_omega)
+    return jnp.arccos(cos_omega)
+
+
+def slerp_weights(t: jax.Array, omega: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(c_a, c_b) with slerp = c_a * a + c_b * b for vectors at angle ``omega``; t = 0 gives a, t = 1 gives b."""
     sin_omega = jnp.sin(omega)
     spherical = sin_omega > PARALLEL_EPS
     safe_sin = jnp.where(spherical, sin_omega, 1.0)
@@ -34,5 +38,5 @@ def slerp_coefficients(t: jax.Array, a, b) -> tuple[jax.Array, jax.Array]:
 
 def slerp(t: jax.Array, a, b):
     """SLERP between pytrees ``a`` and ``b`` with weight ``t`` on ``b``."""
-    c_a, c_b = slerp_coefficients(t, a, b)
+    c_a, c_b = slerp_weights(t, slerp_angle(a, b))
     return jax.tree.map(lambda x, y: (c_a * x + c_b * y).astype(x.dtype), a, b)

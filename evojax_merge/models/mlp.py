@@ -32,5 +32,20 @@ class MLP(nn.Module):
         return self.init(key, jnp.zeros((1, num_features), jnp.float32))["params"]
 
     def logits(self, params, x: jax.Array) -> jax.Array:
-        """Pure forward pass on a parameter pytree: vmap it over a population of pytrees."""
-        return self.apply({"params": params}, x)
+        """Pure forward pass on a parameter pytree: vmap it over a population of pytrees.
+
+        Equal to ``self.apply`` up to float rounding, for inputs of shape (n, num_features). Two layout
+        choices make a vmapped population fast on shared inputs:
+        - The first bias is folded into the product ([x, 1] @ [[W], [b]]). A bias added after the product
+          is broadcast over every data point, and XLA then recomputes whatever produced it (the crossover
+          and mutation arithmetic of a freshly bred child) once per data point.
+        - Activations are kept features-major, (features, n): under vmap the first layer of all models is
+          one GEMM whose output needs no transpose before the next layer.
+        """
+        layers = [params[f"Dense_{i}"] for i in range(len(self.hidden_sizes) + 1)]
+        inputs = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+        first = jnp.concatenate([layers[0]["kernel"], layers[0]["bias"][None]], axis=0)
+        h = jnp.einsum("nd,dh->hn", inputs, first)
+        for layer in layers[1:]:
+            h = jnp.einsum("hn,ho->on", nn.relu(h), layer["kernel"]) + layer["bias"][:, None]
+        return h.T

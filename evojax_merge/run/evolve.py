@@ -69,7 +69,7 @@ class Evolution:
         state = run.strategy_state
         train_score = jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
         best = jnp.argmax(train_score)
-        best_model = jax.tree.map(lambda x: x[best], state.archive)
+        best_model = self.strategy.member(state, best)
         return {
             "forward_passes": run.forward_passes,
             "train_accuracy": train_score[best],

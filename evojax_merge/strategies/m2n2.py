@@ -25,15 +25,16 @@ shared fitness with that child). With ``num_children=1`` it is the paper's algor
 from __future__ import annotations
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 from flax import struct
 
-from evojax_merge.merge.crossover import num_params, split_point_crossover
+from evojax_merge.merge.crossover import split_point_crossover
 
 
 @struct.dataclass
 class State:
-    archive: object  # parameter pytree, every leaf with a leading archive axis of size P
+    archive: jax.Array  # (P, num_dims) flat parameter vectors (ravelled pytrees, as in evosax)
     scores: jax.Array  # (P, num_points) per-data-point scores of the archive members
     filled: jax.Array  # (P,) bool; empty slots are never parents and are replaced first
     num_rejected_nonfinite: jax.Array  # children discarded because a score was NaN or infinite
@@ -80,7 +81,21 @@ class M2N2:
         self.split_point = split_point
         self.matchmaker = matchmaker
         self.mutation = mutation
-        self.num_dims = num_params(solution)
+        template = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), solution)
+        flat, self._unravel = jax.flatten_util.ravel_pytree(template)
+        self.num_dims = flat.size
+
+    def ravel(self, tree) -> jax.Array:
+        """Flat vector of one parameter pytree (the layout of the archive rows)."""
+        return jax.flatten_util.ravel_pytree(tree)[0]
+
+    def unravel(self, flat: jax.Array):
+        """Parameter pytree of one flat vector."""
+        return self._unravel(flat)
+
+    def member(self, state: State, index: jax.Array):
+        """Parameter pytree of archive member ``index``."""
+        return self._unravel(state.archive[index])
 
     @property
     def default_params(self) -> Params:
@@ -93,7 +108,8 @@ class M2N2:
         if n > self.archive_size:
             raise ValueError(f"{n} seed models do not fit an archive of {self.archive_size}")
         pad = self.archive_size - n
-        archive = jax.tree.map(lambda x: jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]), population)
+        flat = jax.vmap(self.ravel)(population)
+        archive = jnp.concatenate([flat, jnp.zeros((pad, self.num_dims), flat.dtype)])
         finite = jnp.all(jnp.isfinite(scores), axis=1)
         return State(
             archive=archive,
@@ -107,7 +123,7 @@ class M2N2:
         """Breed ``num_children`` children; returns (children pytree with a leading child axis, state)."""
         keys = jax.random.split(key, self.num_children)
         children = jax.vmap(self._breed, in_axes=(0, None, None))(keys, state, params)
-        return children, state
+        return jax.vmap(self._unravel)(children), state
 
     def tell(self, key: jax.Array, children, scores: jax.Array, state: State, params: Params):
         """Insert the evaluated children one after another; returns (state, metrics)."""
@@ -117,7 +133,11 @@ class M2N2:
             child, child_scores = child_and_scores
             return self._insert(child, child_scores, state, params)
 
-        state, accepted = jax.lax.scan(insert, state, (children, scores))
+        children = jax.vmap(self.ravel)(children)
+        if self.num_children == 1:
+            state, accepted = self._insert(children[0], scores[0], state, params)
+        else:
+            state, accepted = jax.lax.scan(insert, state, (children, scores))
         state = state.replace(generation_counter=state.generation_counter + 1)
         train_score = jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
         metrics = {
@@ -129,25 +149,31 @@ class M2N2:
         return state, metrics
 
     def _breed(self, key: jax.Array, state: State, params: Params):
-        key_a, key_b, key_split, key_ratio, key_mutation = jax.random.split(key, 5)
+        # Two PRNG calls per child (uniforms for every choice, normals for the mutation): on CPU each
+        # threefry call is a small loop, and a dozen of them per generation cost more than the breeding.
+        key_choices, key_mutation = jax.random.split(key)
+        u_a, u_b, u_split_and_ratio = jnp.split(
+            jax.random.uniform(key_choices, (2 * self.archive_size + 2,)), [self.archive_size, 2 * self.archive_size]
+        )
         weights = resource_weights(state.scores, state.filled, params.alpha)
         fitness = jnp.where(state.filled, state.scores @ weights, 0.0)
-        index_a = sample_proportional(key_a, fitness, state.filled)
+        index_a = sample_proportional(u_a, fitness, state.filled)
         if self.matchmaker:
             appeal = jnp.where(state.filled, attraction(state.scores, state.scores[index_a], weights), 0.0)
             # When A is at least as good as everyone everywhere no one attracts: fall back to fitness.
             appeal = jnp.where(jnp.sum(appeal) > 0, appeal, fitness)
-            index_b = sample_proportional(key_b, appeal, state.filled)
+            index_b = sample_proportional(u_b, appeal, state.filled)
         else:
-            index_b = sample_proportional(key_b, fitness, state.filled)
-        parent_a = jax.tree.map(lambda x: x[index_a], state.archive)
+            index_b = sample_proportional(u_b, fitness, state.filled)
+        parent_a = state.archive[index_a]
         if self.crossover:
-            parent_b = jax.tree.map(lambda x: x[index_b], state.archive)
-            if self.split_point:
-                split = jax.random.randint(key_split, (), 0, self.num_dims + 1)
+            parent_b = state.archive[index_b]
+            u_split, mixing_ratio = u_split_and_ratio
+            if self.split_point:  # uniform over 0..num_dims (both ends included)
+                split = jnp.minimum(jnp.floor(u_split * (self.num_dims + 1)), self.num_dims).astype(jnp.int32)
             else:
                 split = jnp.int32(self.num_dims)
-            child = split_point_crossover(split, jax.random.uniform(key_ratio), parent_a, parent_b)
+            child = split_point_crossover(split, mixing_ratio, parent_a, parent_b)
         else:
             child = parent_a
         if self.mutation:
@@ -164,17 +190,13 @@ class M2N2:
         archive_fitness = jnp.where(state.filled, fitness[:-1], -jnp.inf)
         weakest = jnp.argmin(archive_fitness)
         accept = valid & (fitness[-1] >= archive_fitness[weakest])  # ties favour the child
-        slot = jnp.arange(self.archive_size) == weakest
-        replace = slot & accept
-
-        def put(archive_leaf, child_leaf):
-            where = replace.reshape((-1,) + (1,) * child_leaf.ndim)
-            return jnp.where(where, child_leaf[None], archive_leaf)
-
+        # Write one slot (a dynamic update, in place inside scan) instead of selecting over the archive.
+        keep_child = lambda new, old: jnp.where(accept, new, old)
+        put = lambda archive, new: archive.at[weakest].set(keep_child(new, archive[weakest]))
         state = state.replace(
-            archive=jax.tree.map(put, state.archive, child),
-            scores=jnp.where(replace[:, None], child_scores[None], state.scores),
-            filled=state.filled | replace,
+            archive=put(state.archive, child),
+            scores=put(state.scores, child_scores),
+            filled=state.filled.at[weakest].set(state.filled[weakest] | accept),
             num_rejected_nonfinite=state.num_rejected_nonfinite + (~valid),
         )
         return state, accept
@@ -205,16 +227,17 @@ def attraction(scores: jax.Array, parent_scores: jax.Array, weights: jax.Array) 
     return jnp.maximum(scores - parent_scores[None], 0.0) @ weights
 
 
-def sample_proportional(key: jax.Array, weights: jax.Array, allowed: jax.Array) -> jax.Array:
-    """An index drawn with probability proportional to ``weights`` (uniform over ``allowed`` if all are 0)."""
+def sample_proportional(uniforms: jax.Array, weights: jax.Array, allowed: jax.Array) -> jax.Array:
+    """An index drawn with probability proportional to ``weights`` (uniform over ``allowed`` if all are 0).
+
+    Gumbel-max with the given U(0, 1) draws (one per entry): argmax(log w_k - log(-log u_k)).
+    """
     weights = jnp.where(allowed, jnp.maximum(weights, 0.0), 0.0)
     weights = jnp.where(jnp.sum(weights) > 0, weights, allowed.astype(weights.dtype))
-    return jax.random.choice(key, weights.shape[0], p=weights / jnp.sum(weights))
+    gumbel = -jnp.log(-jnp.log(jnp.clip(uniforms, 1e-12, 1.0 - 1e-7)))
+    return jnp.argmax(jnp.where(weights > 0, jnp.log(weights) + gumbel, -jnp.inf))
 
 
-def gaussian_mutation(key: jax.Array, tree, std):
-    """Add N(0, std^2) to every parameter (an independent key per leaf)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [x + (std * jax.random.normal(k, x.shape)).astype(x.dtype) for k, x in zip(keys, leaves)]
-    return treedef.unflatten(noisy)
+def gaussian_mutation(key: jax.Array, params: jax.Array, std) -> jax.Array:
+    """Add N(0, std^2) to every entry of a flat parameter vector."""
+    return params + (std * jax.random.normal(key, params.shape)).astype(params.dtype)
