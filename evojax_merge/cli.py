@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import sys
 
 from evojax_merge.errors import EvojaxMergeError
@@ -64,7 +65,13 @@ def _run(args, parser) -> int:
         config = load_config(args.config, args.set)
         run_dir = new_run_dir(config, args.out)
         print(f"run directory: {run_dir}", file=sys.stderr)
-        summary = run_experiment(config, run_dir, progress=not args.no_progress)
+        try:
+            summary = run_experiment(config, run_dir, progress=not args.no_progress)
+        except EvojaxMergeError:
+            # Failed before computing anything (e.g. the dataset is missing): leave no empty run behind.
+            if not (run_dir / "metrics.csv").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     mean, se = summary["final_test_accuracy_mean"], summary["final_test_accuracy_standard_error"]
     print(
         f"{summary['name']}: test accuracy {100 * mean:.2f}% +- {100 * se:.2f} (1 SE, {len(summary['seeds'])} seeds) "

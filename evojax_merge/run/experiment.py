@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime
 import pathlib
+import signal
+import threading
 import time
 
 import jax
@@ -108,23 +110,25 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     passes_at_start = int(history["forward_passes"][log_index].sum())
     bar = _progress_bar(progress, config.run.forward_passes, int(history["forward_passes"][log_index][0]), config.name)
     status = "complete"
-    try:
-        while log_index < len(schedule):
-            runs, report = chunks[schedule[log_index]](runs, train, test)
-            log_index += 1
-            for k, v in report.items():
-                history[k][log_index] = np.asarray(v)
-            _write_metrics(run_dir, seeds, history, log_index)
-            bar.update(int(history["forward_passes"][log_index][0] - history["forward_passes"][log_index - 1][0]))
-            bar.set_postfix(test_acc=f"{100 * history['test_accuracy'][log_index].mean():.2f}%")
-            if log_index % checkpoint_period == 0 or log_index == len(schedule):
-                save_checkpoint()
-    except KeyboardInterrupt:
-        status = "interrupted"
-        save_checkpoint()
-    finally:
-        bar.close()
-        checkpoints.close()
+    with _StopOnSignal() as stop:
+        try:
+            while log_index < len(schedule):
+                runs, report = chunks[schedule[log_index]](runs, train, test)
+                log_index += 1
+                for k, v in report.items():
+                    history[k][log_index] = np.asarray(v)
+                _write_metrics(run_dir, seeds, history, log_index)
+                bar.update(int(history["forward_passes"][log_index][0] - history["forward_passes"][log_index - 1][0]))
+                bar.set_postfix(test_acc=f"{100 * history['test_accuracy'][log_index].mean():.2f}%")
+                if stop.requested:
+                    status = "interrupted"
+                    save_checkpoint()
+                    break
+                if log_index % checkpoint_period == 0 or log_index == len(schedule):
+                    save_checkpoint()
+        finally:
+            bar.close()
+            checkpoints.close()
     elapsed = time.perf_counter() - started
     passes_done = int(history["forward_passes"][log_index].sum()) - passes_at_start
     summary = _summary(config, seeds, history, log_index, status, elapsed, passes_done)
@@ -190,6 +194,31 @@ def _summary(config, seeds, history, log_index, status, elapsed, passes_done):
         "wall_seconds_this_session": round(elapsed, 2),
         "forward_passes_per_second_all_seeds": round(passes_done / elapsed, 1) if elapsed > 0 else None,
     }
+
+
+class _StopOnSignal:
+    """Turn SIGINT / SIGTERM into a request to stop at the next logged point.
+
+    The loop state is only consistent between chunks, so the signal sets a flag instead of raising
+    inside whatever line happens to run; the loop then writes a checkpoint and returns.
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, name: str):

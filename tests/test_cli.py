@@ -1,0 +1,65 @@
+"""The evojax-merge command line, end to end in a subprocess."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHORT = [
+    "--set", "model.hidden_sizes=[16]",
+    "--set", "run.forward_passes=202",
+    "--set", "run.log_every=100",
+    "--set", "run.checkpoint_every=100",
+    "--set", "run.seeds=[1, 2]",
+]
+
+
+def cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "evojax_merge.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
+
+
+def test_run_resume_and_plot(tmp_path):
+    out = tmp_path / "run"
+    result = cli("run", "experiments/digits/m2n2.yaml", "--out", str(out), "--no-progress", *SHORT)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout and str(out) in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints", "config.yaml", "metrics.csv", "summary.json", "test_accuracy.png"
+    ]
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2 * 3  # header + 2 seeds x 3 points
+
+    resumed = cli("run", "--resume", str(out), "--no-progress")  # already complete: rewrites the same results
+    assert resumed.returncode == 0, resumed.stderr
+
+    figure = tmp_path / "fig.png"
+    plotted = cli("plot", str(out), str(out), "--out", str(figure))
+    assert plotted.returncode == 0, plotted.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_config_exits_2_with_a_message(tmp_path):
+    bad = cli("run", "experiments/digits/m2n2.yaml", "--out", str(tmp_path / "r"), "--set", "strategy.alpha=-2")
+    assert bad.returncode == 2
+    assert "strategy.alpha" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "r").exists()  # nothing is created for a config that does not validate
+
+    unknown = cli("run", "experiments/digits/m2n2.yaml", "--set", "strategy.colour=red")
+    assert unknown.returncode == 2 and "colour" in unknown.stderr
+
+    missing = cli("run", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr
+
+    no_data = cli("run", "experiments/digits/m2n2.yaml", "--out", str(tmp_path / "d"), "--set", "data.name=idx",
+                  "--set", f"data.path={tmp_path / 'absent'}")
+    assert no_data.returncode == 2 and "absent" in no_data.stderr
+    assert not (tmp_path / "d").exists()
+
+    not_a_run = cli("run", "--resume", str(tmp_path))
+    assert not_a_run.returncode == 2 and "not a run directory" in not_a_run.stderr
+
+    usage = cli("run")
+    assert usage.returncode == 2
