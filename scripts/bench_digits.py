@@ -58,7 +58,7 @@ def main():
     loop_rate = passes / loop_seconds
 
     # The bare evaluation: the same number of vmapped scorings of (slightly perturbed) archive models.
-    models = jax.tree.map(lambda x: x[:, 0], runs.strategy_state.archive)
+    models = jax.vmap(lambda state: evolution.strategy.member(state, 0))(runs.strategy_state)
 
     @jax.jit
     def evaluate_only(models):

@@ -68,3 +68,9 @@ def test_missing_and_unknown_datasets_say_where_they_looked(tmp_path):
         load_dataset("idx")
     with pytest.raises(DataError, match="dataset-fashion-mnist"):
         load_dataset("fashion_mnist_debian", str(tmp_path / "absent"))
+
+
+def test_tfds_without_the_package_or_the_network_is_a_clear_error(tmp_path):
+    # tensorflow-datasets is an optional extra; either it is missing, or it cannot download here.
+    with pytest.raises(DataError, match="tensorflow-datasets|tfds"):
+        load_dataset("tfds:mnist", str(tmp_path))
