@@ -15,6 +15,8 @@ import pathlib
 import shutil
 import sys
 
+import numpy as np
+
 from evojax_merge.errors import EvojaxMergeError
 
 
@@ -96,8 +98,23 @@ def _plot(args) -> int:
         name = load_config(pathlib.Path(run_dir) / "config.yaml").name
         curves.append({"label": name, "forward_passes": metrics["forward_passes"][:, 0], "values": metrics["test_accuracy"]})
     plot_curves(curves, args.out, title=args.title)
+    print(results_table(curves))
     print(f"wrote {args.out}")
     return 0
+
+
+def results_table(curves) -> str:
+    """Markdown table: test accuracy (mean +- 1 SE over seeds) at 10k passes and at the end of each run."""
+    from evojax_merge.run.plot import mean_and_standard_error
+
+    lines = ["| run | seeds | passes | test acc. at 10k | final test acc. |", "|---|---|---|---|---|"]
+    for curve in curves:
+        mean, se = mean_and_standard_error(curve["values"])
+        passes = curve["forward_passes"]
+        at_10k = int(np.argmin(np.abs(passes - 10_000)))
+        cell = lambda i: f"{100 * mean[i]:.1f} +- {100 * se[i]:.1f}%"
+        lines.append(f"| {curve['label']} | {curve['values'].shape[1]} | {int(passes[-1])} | {cell(at_10k)} | {cell(-1)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

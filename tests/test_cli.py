@@ -39,6 +39,7 @@ def test_run_resume_and_plot(tmp_path):
     plotted = cli("plot", str(out), str(out), "--out", str(figure))
     assert plotted.returncode == 0, plotted.stderr
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| m2n2 | 2 | 202 |" in plotted.stdout  # the results table: name, seeds, passes
 
 
 def test_bad_config_exits_2_with_a_message(tmp_path):
