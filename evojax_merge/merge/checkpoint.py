@@ -100,6 +100,18 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 4096) -> np.ndarray:
+    """An uninitialised array whose data starts on an ``align``-byte boundary.
+
+    JAX on CPU adopts such a buffer without copying when it is passed to a jitted function (it copies
+    arrays that are not 64-byte aligned, which NumPy's allocator does not guarantee).
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 class Checkpoint:
     """A Hugging Face model folder: config.json plus one or several safetensors files.
 
@@ -159,7 +171,7 @@ class Checkpoint:
             info = self.tensors[name]
         except KeyError:
             raise DataError(f"tensor {name!r} is not in {self.path}") from None
-        out = np.empty(info.shape, DTYPES[info.dtype])
+        out = aligned_empty(info.shape, DTYPES[info.dtype])
         try:
             handle = self._handles.get(info.file)
             if handle is None:

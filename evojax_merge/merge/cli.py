@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError, EvojaxMergeError
+from evojax_merge.merge import sparsify as sp
 from evojax_merge.merge.checkpoint import DTYPES, Checkpoint, ShardedWriter
 from evojax_merge.merge.config import (
     Recipe,
@@ -217,12 +218,30 @@ def _order(name: str) -> int:
     return -1 if ("embed" in name or "wte" in name or "wpe" in name) else 10**9
 
 
+def _enable_compilation_cache(jax) -> None:
+    """Keeps compiled per-shape merge kernels on disk: a model has ~10 tensor shapes and compiling each
+    costs ~0.5 s on CPU, a large share of a small merge. ``EVOJAX_MERGE_JAX_CACHE=""`` disables it."""
+    path = os.environ.get(
+        "EVOJAX_MERGE_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "evojax_merge", "jax")
+    )
+    if not path or jax.config.jax_compilation_cache_dir:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except OSError:  # a read-only home only loses the cache
+        pass
+
+
 class _Merger:
     """Jitted per-tensor merge functions, compiled once per (method options, shapes, dtypes)."""
 
     def __init__(self, recipe: Recipe):
         import jax
 
+        _enable_compilation_cache(jax)
         self.jax = jax
         self.recipe = recipe
         self.key = jax.random.key(recipe.seed)
@@ -249,18 +268,37 @@ class _Merger:
             self._cache[cache_key] = jax.jit(merge)
         return self._cache[cache_key]
 
-    def __call__(self, job: TensorJob, sources: list[np.ndarray], base: np.ndarray | None):
+    def __call__(self, job: TensorJob, sources: list[np.ndarray], base: np.ndarray | None, extra):
         fn = self._fn(job.options, job.dtype)
         numeric = {k: np.float32(v) for k, v in job.options.items() if not isinstance(v, (bool, str))}
-        per_model = {k: np.asarray(v, np.float32) for k, v in job.per_model.items()}
+        per_model = {k: np.asarray(v, np.float32) for k, v in {**job.per_model, **extra}.items()}
         tensor_id = np.uint32(zlib.crc32(job.name.encode()) & 0x7FFFFFFF)
         return fn(sources, base, per_model, numeric, tensor_id)
 
 
-def _read_inputs(job: TensorJob, ckpts: dict[str, Checkpoint]):
+# Methods whose sparsifier is the magnitude trim: its threshold (an O(n) selection) is computed with
+# NumPy in the reader thread and passed in, since XLA:CPU can only sort (O(n log n), ~13 s for a
+# 28M-entry embedding) and a host callback from inside the jitted merge costs extra copies.
+HOST_THRESHOLD_METHODS = ("ties",)
+
+
+def _read_inputs(job: TensorJob, ckpts: dict[str, Checkpoint], method: str):
     sources = [ckpts[m].read(n) for m, n in job.sources]
     base = ckpts[job.base[0]].read(job.base[1]) if job.base else None
-    return sources, base
+    extra = {}
+    if method in HOST_THRESHOLD_METHODS and base is not None:
+        thresholds = []
+        for src, density in zip(sources, job.per_model["density"]):
+            if density >= 1:
+                thresholds.append(0.0)
+                continue
+            magnitudes = np.subtract(src, base, dtype=np.float32)
+            np.abs(magnitudes, out=magnitudes)
+            k = sp.host_num_kept(density, magnitudes.size)
+            thresholds.append(sp.host_kth_largest(magnitudes, k, overwrite=True))
+            del magnitudes
+        extra["threshold"] = thresholds
+    return sources, base, extra
 
 
 def model_card(recipe: Recipe, out_name: str) -> str:
@@ -357,12 +395,13 @@ def _stream(recipe, ckpts, jobs, out_dir: Path, shard_bytes: int, verbose: bool)
                            {"merged_with": "evojax-merge", "merge_method": recipe.method.name})
     read_bytes = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_inputs, jobs[0], ckpts) if jobs else None
+        name = recipe.method.name
+        pending = pool.submit(_read_inputs, jobs[0], ckpts, name) if jobs else None
         for i, job in enumerate(jobs):
-            sources, base = pending.result()
-            pending = pool.submit(_read_inputs, jobs[i + 1], ckpts) if i + 1 < len(jobs) else None
+            sources, base, extra = pending.result()
+            pending = pool.submit(_read_inputs, jobs[i + 1], ckpts, name) if i + 1 < len(jobs) else None
             read_bytes += sum(x.nbytes for x in sources) + (base.nbytes if base is not None else 0)
-            merged = np.asarray(merger(job, sources, base))
+            merged = np.asarray(merger(job, sources, base, extra))
             del sources, base
             writer.write(job.name, merged)
             if verbose:

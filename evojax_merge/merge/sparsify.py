@@ -45,12 +45,30 @@ def num_kept(density, n: int):
     return jnp.clip(k, 0, n).astype(jnp.int32)
 
 
-def _kth_largest_host(values: np.ndarray, k: np.ndarray) -> np.ndarray:
-    values = np.asarray(values).ravel()
+def host_kth_largest(values: np.ndarray, k: int, *, overwrite: bool = False) -> np.float32:
+    """NumPy twin of :func:`kth_largest` (introselect, O(n)); ``overwrite`` partitions in place.
+
+    Used inside the traced function through a callback, and by the merge command, which computes TIES
+    thresholds on the host while reading the next tensor and passes them as ``threshold``.
+    """
+    flat = np.asarray(values).reshape(-1)
     k = int(k)
     if k <= 0:
-        return np.asarray(np.inf, values.dtype)
-    return np.asarray(np.partition(values, values.size - k)[values.size - k], values.dtype)
+        return np.float32(np.inf)
+    if overwrite and flat.flags.writeable:
+        flat.partition(flat.size - k)
+        return np.float32(flat[flat.size - k])
+    return np.float32(np.partition(flat, flat.size - k)[flat.size - k])
+
+
+def host_num_kept(density: float, n: int) -> int:
+    """NumPy twin of :func:`num_kept` (same float32 arithmetic, so host and device agree)."""
+    k = np.floor(np.float32(density) * np.float32(n) * np.float32(1.0 + 1e-6))
+    return int(np.clip(k, 0, n))
+
+
+def _kth_largest_host(values, k) -> np.ndarray:
+    return np.asarray(host_kth_largest(values, k), np.float32)
 
 
 def _kth_largest_bisect(values: jax.Array, k) -> jax.Array:
@@ -123,7 +141,9 @@ def rescale_kept(tau: jax.Array, kept: jax.Array, keep_prob, rescale: str) -> ja
     raise ValueError(f"unknown rescale convention {rescale!r}; expected one of {RESCALE_CONVENTIONS}")
 
 
-def magnitude(tau: jax.Array, density, key=None, *, rescale: str = "none") -> jax.Array:
+def magnitude(
+    tau: jax.Array, density, key=None, *, rescale: str = "none", threshold=None
+) -> jax.Array:
     """Keeps the ``floor(d * n)`` largest-magnitude entries (the "trim" step of TIES-Merging).
 
     Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
@@ -133,13 +153,16 @@ def magnitude(tau: jax.Array, density, key=None, *, rescale: str = "none") -> ja
       density: fraction kept, scalar in [0, 1]; ``>= 1`` keeps everything.
       key: unused (uniform signature).
       rescale: rescaling convention (default none, as in the paper).
+      threshold: the k-th largest magnitude if already known (e.g. computed on the host with
+        :func:`host_kth_largest`); None computes it.
 
     Returns:
       The trimmed task vector.
     """
     del key
     magnitudes = jnp.abs(tau)
-    threshold = kth_largest(magnitudes, num_kept(density, tau.size))
+    if threshold is None:
+        threshold = kth_largest(magnitudes, num_kept(density, tau.size))
     kept = (magnitudes >= threshold) | (density >= 1)
     return rescale_kept(tau, kept, jnp.minimum(density, 1.0), rescale)
 
