@@ -75,8 +75,8 @@ def make_checkpoints(cache: Path) -> dict[str, Path]:
     return paths
 
 
-def run_merge(recipe: Path, out: Path) -> tuple[float, float]:
-    """Runs the CLI in a child; returns (wall seconds, child's peak RSS in GB)."""
+def run_merge(recipe: Path, out: Path) -> tuple[float, float, float]:
+    """Runs the CLI in a child; returns (wall seconds, child's peak RSS in GB, child's CPU seconds)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "evojax_merge.merge.cli", str(recipe), "--out", str(out), "--overwrite"]
     start = time.perf_counter()
@@ -86,7 +86,7 @@ def run_merge(recipe: Path, out: Path) -> tuple[float, float]:
     stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"merge failed ({' '.join(cmd)}):\n{stdout}\n{stderr}")
-    return seconds, usage.ru_maxrss / 1024**2  # Linux reports KiB
+    return seconds, usage.ru_maxrss / 1024**2, usage.ru_utime + usage.ru_stime  # ru_maxrss is in KiB
 
 
 def main() -> None:
@@ -114,8 +114,10 @@ def main() -> None:
         seconds = min(r[0] for r in runs)
         peak = max(r[1] for r in runs)
         results[method] = bytes_read / 1e9 / seconds
+        cpu = min(r[2] for r in runs)
         print(f"{method}: {seconds:.2f} s  {bytes_read / 1e9 / seconds:.2f} GB/s  peak {peak:.2f} GB"
-              f"  (runs: {', '.join(f'{r[0]:.2f}' for r in runs)} s; {bytes_read / 1e9:.2f} GB read)")
+              f"  (runs: {', '.join(f'{r[0]:.2f}' for r in runs)} s; CPU {cpu:.2f} s;"
+              f" {bytes_read / 1e9:.2f} GB read; load average {os.getloadavg()[0]:.1f})")
     print(f"merge_gb_per_s: {results['ties']:.3f}")
 
 

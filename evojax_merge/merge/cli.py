@@ -30,7 +30,7 @@ import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError, EvojaxMergeError
 from evojax_merge.merge import sparsify as sp
-from evojax_merge.merge.checkpoint import DTYPES, Checkpoint, ShardedWriter
+from evojax_merge.merge.checkpoint import DTYPES, BufferPool, Checkpoint, ShardedWriter
 from evojax_merge.merge.config import (
     Recipe,
     Source,
@@ -246,6 +246,8 @@ class _Merger:
         self.recipe = recipe
         self.key = jax.random.key(recipe.seed)
         self._cache: dict[Any, Any] = {}
+        self._compiled: dict[Any, concurrent.futures.Future] = {}
+        self._ckpts: dict[str, Checkpoint] = {}
 
     def _fn(self, options: dict[str, Any], out_dtype: str):
         import jax
@@ -268,13 +270,64 @@ class _Merger:
             self._cache[cache_key] = jax.jit(merge)
         return self._cache[cache_key]
 
-    def __call__(self, job: TensorJob, sources: list[np.ndarray], base: np.ndarray | None, extra):
-        fn = self._fn(job.options, job.dtype)
+    def _flat(self, job: TensorJob) -> bool:
+        # Entry-wise methods see the flat tensor: same result, fewer shapes to compile (the
+        # gate/up/down projections share one kernel).
+        return self.recipe.method.name not in ROW_WISE_METHODS and not job.options.get("filter_wise")
+
+    def _arguments(self, job: TensorJob, sources, base, extra) -> tuple:
         numeric = {k: np.float32(v) for k, v in job.options.items() if not isinstance(v, (bool, str))}
         per_model = {k: np.asarray(v, np.float32) for k, v in {**job.per_model, **extra}.items()}
         tensor_id = np.uint32(zlib.crc32(job.name.encode()) & 0x7FFFFFFF)
-        return fn(sources, base, per_model, numeric, tensor_id)
+        if self._flat(job):
+            sources = [x.reshape(-1) for x in sources]
+            base = None if base is None else base.reshape(-1)
+        return sources, base, per_model, numeric, tensor_id
 
+    def _signature(self, job: TensorJob, ckpts: dict[str, Checkpoint]) -> tuple[Any, tuple]:
+        """(hashable key, abstract arguments) of the kernel a job runs."""
+        jax = self.jax
+
+        def spec(model: str, name: str):
+            info = ckpts[model].tensors[name]
+            shape = (int(np.prod(info.shape)),) if self._flat(job) else info.shape
+            return jax.ShapeDtypeStruct(shape, DTYPES[info.dtype])
+
+        extra = {"threshold": [0.0] * len(job.sources)} if _host_thresholds(job, self.recipe) else {}
+        _, _, per_model, numeric, tensor_id = self._arguments(job, [], None, extra)
+        sources = [spec(m, n) for m, n in job.sources]
+        base = spec(*job.base) if job.base else None
+        abstract = (sources, base, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in per_model.items()},
+                    {k: jax.ShapeDtypeStruct((), np.float32) for k in numeric},
+                    jax.ShapeDtypeStruct((), np.uint32))
+        statics = tuple(sorted((k, v) for k, v in job.options.items() if isinstance(v, (bool, str))))
+        key = (statics, job.dtype, tuple((x.shape, x.dtype) for x in sources),
+               None if base is None else (base.shape, base.dtype), tuple(sorted(per_model)),
+               tuple(sorted(numeric)))
+        return key, abstract
+
+    def precompile(self, jobs: list[TensorJob], ckpts: dict[str, Checkpoint], pool) -> None:
+        """Starts tracing and compiling (or loading from the disk cache) every distinct kernel in
+        ``pool`` so that it overlaps with reading the first tensors."""
+        for job in jobs:
+            key, abstract = self._signature(job, ckpts)
+            if key not in self._compiled:
+                fn = self._fn(job.options, job.dtype)
+                self._compiled[key] = pool.submit(lambda f=fn, a=abstract: f.lower(*a).compile())
+
+    def __call__(self, job: TensorJob, sources: list[np.ndarray], base: np.ndarray | None, extra):
+        args = self._arguments(job, sources, base, extra)
+        key = None
+        if self._compiled:
+            key = self._signature(job, self._ckpts)[0]
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            return self._fn(job.options, job.dtype)(*args)
+        return compiled.result()(*args)
+
+
+# Methods that look at rows of a matrix (everything else only at entries and whole-tensor statistics).
+ROW_WISE_METHODS = ("della", "della_linear")
 
 # Methods whose sparsifier is the magnitude trim: its threshold (an O(n) selection) is computed with
 # NumPy in the reader thread and passed in, since XLA:CPU can only sort (O(n log n), ~13 s for a
@@ -282,21 +335,26 @@ class _Merger:
 HOST_THRESHOLD_METHODS = ("ties",)
 
 
-def _read_inputs(job: TensorJob, ckpts: dict[str, Checkpoint], method: str):
-    sources = [ckpts[m].read(n) for m, n in job.sources]
-    base = ckpts[job.base[0]].read(job.base[1]) if job.base else None
+def _host_thresholds(job: TensorJob, recipe: Recipe) -> bool:
+    return recipe.method.name in HOST_THRESHOLD_METHODS and job.base is not None
+
+
+def _read_inputs(job: TensorJob, ckpts: dict[str, Checkpoint], method: str, pool: BufferPool):
+    sources = [ckpts[m].read(n, pool) for m, n in job.sources]
+    base = ckpts[job.base[0]].read(job.base[1], pool) if job.base else None
     extra = {}
-    if method in HOST_THRESHOLD_METHODS and base is not None:
+    if method in HOST_THRESHOLD_METHODS and base is not None:  # see _host_thresholds
         thresholds = []
         for src, density in zip(sources, job.per_model["density"]):
             if density >= 1:
                 thresholds.append(0.0)
                 continue
-            magnitudes = np.subtract(src, base, dtype=np.float32)
+            magnitudes = pool.take(src.shape, np.dtype(np.float32))
+            np.subtract(src, base, out=magnitudes, dtype=np.float32)
             np.abs(magnitudes, out=magnitudes)
             k = sp.host_num_kept(density, magnitudes.size)
             thresholds.append(sp.host_kth_largest(magnitudes, k, overwrite=True))
-            del magnitudes
+            pool.give(magnitudes)
         extra["threshold"] = thresholds
     return sources, base, extra
 
@@ -389,23 +447,36 @@ def merge_checkpoints(
 
 
 def _stream(recipe, ckpts, jobs, out_dir: Path, shard_bytes: int, verbose: bool) -> dict[str, float]:
-    """Reads, merges and writes every tensor; the next tensor is read while the current one merges."""
+    """Reads, merges and writes every tensor: a reader thread fetches the next tensor and a writer
+    thread writes the previous result while the current one merges."""
     merger = _Merger(recipe)
     writer = ShardedWriter(out_dir, [(j.name, j.dtype, j.shape) for j in jobs], shard_bytes,
                            {"merged_with": "evojax-merge", "merge_method": recipe.method.name})
     read_bytes = 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    written = None
+    merger._ckpts = ckpts
+    with (concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
+          concurrent.futures.ThreadPoolExecutor(max_workers=1) as write_pool,
+          concurrent.futures.ThreadPoolExecutor(max_workers=1) as compile_pool):
+        merger.precompile(jobs, ckpts, compile_pool)
         name = recipe.method.name
-        pending = pool.submit(_read_inputs, jobs[0], ckpts, name) if jobs else None
+        buffers = BufferPool()
+        pending = pool.submit(_read_inputs, jobs[0], ckpts, name, buffers) if jobs else None
         for i, job in enumerate(jobs):
             sources, base, extra = pending.result()
-            pending = pool.submit(_read_inputs, jobs[i + 1], ckpts, name) if i + 1 < len(jobs) else None
+            if i + 1 < len(jobs):
+                pending = pool.submit(_read_inputs, jobs[i + 1], ckpts, name, buffers)
             read_bytes += sum(x.nbytes for x in sources) + (base.nbytes if base is not None else 0)
-            merged = np.asarray(merger(job, sources, base, extra))
+            merged = np.asarray(merger(job, sources, base, extra))  # waits for the result
+            buffers.give(*sources, base)  # the merge has finished reading them
             del sources, base
-            writer.write(job.name, merged)
+            if written is not None:
+                written.result()  # one write in flight: bounded memory, errors surface here
+            written = write_pool.submit(writer.write, job.name, merged.reshape(job.shape))
             if verbose:
                 print(f"[{i + 1}/{len(jobs)}] {job.name} {list(job.shape)}", file=sys.stderr)
+        if written is not None:
+            written.result()
     writer.close()
     return {"bytes_read": float(read_bytes), "bytes_written": float(writer.total_size),
             "tensors": float(len(jobs))}
