@@ -416,7 +416,10 @@ def merge_checkpoints(
         if out_layers is not None:
             config["num_hidden_layers"] = out_layers
         if recipe.out_dtype:
-            config["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[recipe.out_dtype]
+            name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[recipe.out_dtype]
+            for key in ("torch_dtype", "dtype"):  # transformers < 5 and >= 5 spell it differently
+                if key in config or key == "torch_dtype":
+                    config[key] = name
         tok_dir = Path(recipe.tokenizer_source or ref_model)
 
         out.parent.mkdir(parents=True, exist_ok=True)
