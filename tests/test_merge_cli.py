@@ -253,3 +253,29 @@ merge_method: linear
     assert main([str(recipe), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep.txt").exists()
+
+
+def test_failure_while_streaming_removes_the_partial_output(models, tmp_path, capsys, monkeypatch):
+    from evojax_merge.errors import DataError
+    from evojax_merge.merge import checkpoint
+
+    calls = {"n": 0}
+    original = checkpoint.Checkpoint.read
+
+    def flaky(self, name, pool=None):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise DataError(f"cannot read tensor {name!r} (disk on fire)")
+        return original(self, name, pool)
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "read", flaky)
+    recipe = _recipe(tmp_path, f"""
+merge_method: dare_ties
+base_model: {models['base']}
+models:
+  - {{model: {models['a']}, parameters: {{weight: 0.5, density: 0.5}}}}
+  - {{model: {models['b']}, parameters: {{weight: 0.5, density: 0.5}}}}
+""")
+    assert main([str(recipe), "--out", str(tmp_path / "out")]) == 2
+    assert "disk on fire" in capsys.readouterr().err
+    _no_leftovers(tmp_path, "out")

@@ -138,3 +138,15 @@ def test_recipe_file_errors(tmp_path, body, message):
     p.write_text(body)
     with pytest.raises(ConfigError, match=message):
         parse_recipe(p)
+
+
+def test_stack_layer_slices_passthrough():
+    from evojax_merge.merge.layers import stack_layer_slices
+
+    a = {"w": jnp.arange(4 * 3, dtype=jnp.float32).reshape(4, 3), "b": jnp.arange(4.0)}
+    b = jax.tree.map(lambda x: -x, a)
+    out = stack_layer_slices([(a, 0, 3), (b, 2, 4)])
+    np.testing.assert_array_equal(out["b"], [0, 1, 2, -2, -3])
+    np.testing.assert_array_equal(out["w"][3:], -a["w"][2:4])
+    with pytest.raises(ConfigError, match=r"layer range \[2, 5\)"):
+        stack_layer_slices([(a, 2, 5)])
