@@ -77,7 +77,9 @@ class RecipeSpace:
       n_models: number of models merged (not counting the base).
       num_layers: decoder layers of the architecture.
       method: merge method name (see :data:`operators.METHODS`).
-      genes: evolved parameters, e.g. ("weight", "density") or ("t",).
+      genes: evolved parameters, e.g. ("weight", "density") or ("t",). Genes the method takes per
+        model (weight, density, gamma, epsilon) are read per model; global ones (t, lambda_) from
+        model 0's slot.
       layer_group: consecutive layers sharing genes (1 = per layer; num_layers = one group).
       families: tensor families with their own genes.
       allow_negative_weights: else weights are clamped at 0.
