@@ -247,7 +247,7 @@ class _Merger:
         self.key = jax.random.key(recipe.seed)
         self._cache: dict[Any, Any] = {}
         self._compiled: dict[Any, concurrent.futures.Future] = {}
-        self._ckpts: dict[str, Checkpoint] = {}
+        self._job_keys: dict[str, Any] = {}
 
     def _fn(self, options: dict[str, Any], out_dtype: str):
         import jax
@@ -311,16 +311,14 @@ class _Merger:
         ``pool`` so that it overlaps with reading the first tensors."""
         for job in jobs:
             key, abstract = self._signature(job, ckpts)
+            self._job_keys[job.name] = key
             if key not in self._compiled:
                 fn = self._fn(job.options, job.dtype)
                 self._compiled[key] = pool.submit(lambda f=fn, a=abstract: f.lower(*a).compile())
 
     def __call__(self, job: TensorJob, sources: list[np.ndarray], base: np.ndarray | None, extra):
         args = self._arguments(job, sources, base, extra)
-        key = None
-        if self._compiled:
-            key = self._signature(job, self._ckpts)[0]
-        compiled = self._compiled.get(key)
+        compiled = self._compiled.get(self._job_keys.get(job.name))
         if compiled is None:
             return self._fn(job.options, job.dtype)(*args)
         return compiled.result()(*args)
@@ -457,7 +455,6 @@ def _stream(recipe, ckpts, jobs, out_dir: Path, shard_bytes: int, verbose: bool)
                            {"merged_with": "evojax-merge", "merge_method": recipe.method.name})
     read_bytes = 0
     written = None
-    merger._ckpts = ckpts
     with (concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
           concurrent.futures.ThreadPoolExecutor(max_workers=1) as write_pool,
           concurrent.futures.ThreadPoolExecutor(max_workers=1) as compile_pool):
