@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,9 @@ def make_checkpoints(cache: Path) -> dict[str, Path]:
 def run_merge(recipe: Path, out: Path) -> tuple[float, float, float]:
     """Runs the CLI in a child; returns (wall seconds, child's peak RSS in GB, child's CPU seconds)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "evojax_merge.merge.cli", str(recipe), "--out", str(out), "--overwrite"]
+    cmd = [sys.executable, "-m", "evojax_merge.merge.cli", str(recipe), "--out", str(out)]
+    if out.exists():  # a user merges into a new folder; deleting the last result is not part of it
+        shutil.rmtree(out)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
