@@ -196,6 +196,12 @@ def test_linear_task_arithmetic_model_stock_match_numpy():
     near = base + 0.3 * _rand(3, *SHAPE) + 0.5 * _rand(*SHAPE)  # correlated fine-tunes
     got = ops.merge_tensors("model_stock", jnp.asarray(near), jnp.asarray(base))
     np.testing.assert_allclose(got, np_model_stock(base, near), rtol=1e-4, atol=1e-5)
+    # filter_wise: one angle (and one t) per output row.
+    got = ops.merge_tensors("model_stock", jnp.asarray(near), jnp.asarray(base), filter_wise=True)
+    for r in range(SHAPE[0]):
+        np.testing.assert_allclose(got[r], np_model_stock(base[r], near[:, r]), rtol=1e-4, atol=1e-5)
+    got = ops.merge_tensors("passthrough", jnp.asarray(models[:1]), scale=0.5)
+    np.testing.assert_allclose(got, 0.5 * models[0], rtol=1e-6)
 
 
 def test_slerp_and_multislerp_match_numpy():

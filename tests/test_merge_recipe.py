@@ -150,3 +150,12 @@ def test_stack_layer_slices_passthrough():
     np.testing.assert_array_equal(out["w"][3:], -a["w"][2:4])
     with pytest.raises(ConfigError, match=r"layer range \[2, 5\)"):
         stack_layer_slices([(a, 2, 5)])
+
+
+def test_mergekit_rescale_booleans_map_to_conventions(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("merge_method: dare_ties\nbase_model: b\nmodels: [a, c]\nparameters: {rescale: false}\n")
+    assert parse_recipe(p).parameters["rescale"] == "none"
+    p.write_text("merge_method: dare_ties\nbase_model: b\nmodels: [a, c]\nparameters: {rescale: l2}\n")
+    with pytest.raises(ConfigError, match="rescale must be"):
+        parse_recipe(p)

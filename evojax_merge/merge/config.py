@@ -32,10 +32,13 @@ import yaml
 from evojax_merge.errors import ConfigError
 from evojax_merge.merge.operators import MergeMethod, get_method
 from evojax_merge.merge.recipe import tensor_layer
+from evojax_merge.merge.sparsify import RESCALE_CONVENTIONS
 
 # Parameters holding a fraction: outside [0, 1] is an error in a recipe file.
 FRACTIONS = ("density", "t", "gamma", "epsilon")
-OPTION_TYPES = {"normalize": bool, "filter_wise": bool, "normalize_weights": bool, "rescale": str}
+OPTION_TYPES = {"normalize": bool, "filter_wise": bool, "normalize_weights": bool, "rescale": (bool, str)}
+# mergekit's boolean ``rescale`` in our conventions (see sparsify.RESCALE_CONVENTIONS).
+RESCALE_FROM_BOOL = {True: "density", False: "none"}
 DTYPE_ALIASES = {
     "float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
     "bfloat16": "BF16", "bf16": "BF16",
@@ -110,7 +113,9 @@ def _check_value(value: Any, where: str) -> None:
         return
     if name in OPTION_TYPES:
         if not isinstance(value, OPTION_TYPES[name]):
-            raise ConfigError(f"{where}: expected a {OPTION_TYPES[name].__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        if name == "rescale" and isinstance(value, str) and value not in RESCALE_CONVENTIONS:
+            raise ConfigError(f"{where}: rescale must be true, false or one of {RESCALE_CONVENTIONS}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -131,7 +136,7 @@ def _params(raw: Any, where: str) -> dict[str, Any]:
         if key in ("int8_mask",):  # a memory trick of mergekit's; meaningless here
             continue
         _check_value(value, f"{where}.{key}")
-        out[key] = value
+        out[key] = RESCALE_FROM_BOOL[value] if key == "rescale" and isinstance(value, bool) else value
     return out
 
 

@@ -60,7 +60,10 @@ def tensor_family(path: str) -> str:
     for family, pattern in FAMILY_PATTERNS:
         if re.search(pattern, lowered):
             return family
-    raise ConfigError(f"cannot tell the tensor family (attention/mlp/embedding/norm) of {path!r}")
+    raise ConfigError(
+        f"cannot tell the tensor family (attention/mlp/embedding/norm) of {path!r};"
+        " pass family_of=... to RecipeSpace"
+    )
 
 
 def tensor_layer(path: str) -> int | None:
@@ -84,6 +87,8 @@ class RecipeSpace:
       families: tensor families with their own genes.
       allow_negative_weights: else weights are clamped at 0.
       options: fixed method options, e.g. (("normalize", True), ("rescale", "density")).
+      family_of: maps a tensor path to its family name for models whose parameter names
+        :func:`tensor_family` does not know (default: :func:`tensor_family`).
     """
 
     n_models: int
@@ -94,6 +99,7 @@ class RecipeSpace:
     families: tuple[str, ...] = FAMILIES
     allow_negative_weights: bool = True
     options: tuple[tuple[str, Any], ...] = ()
+    family_of: Callable[[str], str] | None = None
 
     def __post_init__(self):
         get_method(self.method)
@@ -121,7 +127,7 @@ class RecipeSpace:
     def slot(self, path: str) -> tuple[int, int]:
         """(group, family) indices of a tensor, from its name."""
         layer = tensor_layer(path)
-        family = tensor_family(path)
+        family = (self.family_of or tensor_family)(path)
         if family not in self.families:
             raise ConfigError(f"tensor {path!r} is in family {family!r}, not in {self.families}")
         if layer is None:
