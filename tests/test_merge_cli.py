@@ -279,3 +279,77 @@ models:
     assert main([str(recipe), "--out", str(tmp_path / "out")]) == 2
     assert "disk on fire" in capsys.readouterr().err
     _no_leftovers(tmp_path, "out")
+
+
+def _to_bf16(src: Path, dst: Path):
+    import shutil
+
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in _state(src).items()},
+              str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_dare_is_reproducible_slices_match_models_and_bf16_inputs(models, tmp_path):
+    body = """
+merge_method: dare_ties
+base_model: {base}
+{seed}
+models:
+  - {{model: {a}, parameters: {{weight: 0.6, density: 0.4}}}}
+  - {{model: {b}, parameters: {{weight: 0.4, density: 0.4}}}}
+"""
+    outs = []
+    for i, seed in enumerate(["random_seed: 7", "random_seed: 7", "random_seed: 8"]):
+        recipe = _recipe(tmp_path, body.format(base=models["base"], a=models["a"], b=models["b"], seed=seed),
+                         f"r{i}.yaml")
+        assert main([str(recipe), "--out", str(tmp_path / f"o{i}")]) == 0
+        outs.append(_state(tmp_path / f"o{i}"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    np.testing.assert_array_equal(outs[0][name], outs[1][name])
+    assert not np.array_equal(outs[0][name], outs[2][name])
+
+    # The same TIES merge written with slices gives the same tensors.
+    slices = _recipe(tmp_path, f"""
+merge_method: ties
+base_model: {models['base']}
+slices:
+  - sources:
+      - {{model: {models['base']}, layer_range: [0, 2]}}
+      - {{model: {models['a']}, layer_range: [0, 2], parameters: {{weight: 0.5, density: 0.5}}}}
+      - {{model: {models['b']}, layer_range: [0, 2], parameters: {{weight: 0.5, density: 0.5}}}}
+""", "slices.yaml")
+    whole = _recipe(tmp_path, f"""
+merge_method: ties
+base_model: {models['base']}
+models:
+  - {{model: {models['a']}, parameters: {{weight: 0.5, density: 0.5}}}}
+  - {{model: {models['b']}, parameters: {{weight: 0.5, density: 0.5}}}}
+""", "whole.yaml")
+    assert main([str(slices), "--out", str(tmp_path / "sliced")]) == 0
+    assert main([str(whole), "--out", str(tmp_path / "whole")]) == 0
+    sliced, merged = _state(tmp_path / "sliced"), _state(tmp_path / "whole")
+    assert set(sliced) == set(merged)
+    for k in merged:
+        np.testing.assert_array_equal(sliced[k], merged[k], err_msg=k)
+
+    # bfloat16 checkpoints in, bfloat16 out, loadable.
+    bf = {k: _to_bf16(models[k], tmp_path / f"bf16_{k}") for k in ("base", "a", "b")}
+    recipe = _recipe(tmp_path, f"""
+merge_method: ties
+base_model: {bf['base']}
+models:
+  - {{model: {bf['a']}, parameters: {{weight: 0.5, density: 0.5}}}}
+  - {{model: {bf['b']}, parameters: {{weight: 0.5, density: 0.5}}}}
+""", "bf16.yaml")
+    assert main([str(recipe), "--out", str(tmp_path / "bf16_out")]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf16_out" / "model.safetensors"), "np") as f:
+        assert f.get_slice("lm_head.weight").get_dtype() == "BF16"
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16_out")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits.float()).all()
