@@ -39,6 +39,7 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(_config())
     _save(base, root / "base")
+    (root / "base" / "tokenizer_config.json").write_text('{"model_max_length": 32}')
     out = {"root": root, "base": root / "base"}
     for i, name in enumerate(["a", "b"]):
         torch.manual_seed(i + 1)
@@ -110,8 +111,8 @@ dtype: float32
     out = tmp_path / "merged"
     assert main([str(recipe), "--out", str(out), "--max-shard-size", "10KB"]) == 0
     assert (out / "model.safetensors.index.json").exists()
-    for f in ["config.json", "README.md"]:
-        assert (out / f).exists()
+    for f in ["config.json", "README.md", "tokenizer_config.json", "merge_recipe.yaml"]:
+        assert (out / f).exists(), f
     assert "ties" in (out / "README.md").read_text()
     merged = _state(out)
     base, a, b = _state(models["base"]), _state(models["a"]), _state(models["b"])
