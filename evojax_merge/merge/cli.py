@@ -13,6 +13,7 @@ Usage (standalone): ``python -m evojax_merge.merge.cli RECIPE.yaml --out DIR``.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -447,25 +448,33 @@ def merge_checkpoints(
     return stats
 
 
+# Jobs read ahead of the one being merged: enough to keep reading while the first kernels load or
+# compile, few enough that memory stays a handful of tensors.
+READ_AHEAD = 3
+
+
 def _stream(recipe, ckpts, jobs, out_dir: Path, shard_bytes: int, verbose: bool) -> dict[str, float]:
-    """Reads, merges and writes every tensor: a reader thread fetches the next tensor and a writer
+    """Reads, merges and writes every tensor: a reader thread fetches the next tensors and a writer
     thread writes the previous result while the current one merges."""
-    merger = _Merger(recipe)
     writer = ShardedWriter(out_dir, [(j.name, j.dtype, j.shape) for j in jobs], shard_bytes,
                            {"merged_with": "evojax-merge", "merge_method": recipe.method.name})
     read_bytes = 0
     written = None
+    name = recipe.method.name
+    buffers = BufferPool()
     with (concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool,
           concurrent.futures.ThreadPoolExecutor(max_workers=1) as write_pool,
           concurrent.futures.ThreadPoolExecutor(max_workers=1) as compile_pool):
+        # Start reading before JAX initialises its backend and loads the kernels.
+        reads = collections.deque(
+            pool.submit(_read_inputs, job, ckpts, name, buffers) for job in jobs[:READ_AHEAD]
+        )
+        merger = _Merger(recipe)
         merger.precompile(jobs, ckpts, compile_pool)
-        name = recipe.method.name
-        buffers = BufferPool()
-        pending = pool.submit(_read_inputs, jobs[0], ckpts, name, buffers) if jobs else None
         for i, job in enumerate(jobs):
-            sources, base, extra = pending.result()
-            if i + 1 < len(jobs):
-                pending = pool.submit(_read_inputs, jobs[i + 1], ckpts, name, buffers)
+            sources, base, extra = reads.popleft().result()
+            if i + READ_AHEAD < len(jobs):
+                reads.append(pool.submit(_read_inputs, jobs[i + READ_AHEAD], ckpts, name, buffers))
             read_bytes += sum(x.nbytes for x in sources) + (base.nbytes if base is not None else 0)
             merged = np.asarray(merger(job, sources, base, extra))  # waits for the result
             buffers.give(*sources, base)  # the merge has finished reading them
