@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError, EvojaxMergeError
-from evojax_merge.merge import sparsify as sp
+from evojax_merge.merge import selection
 from evojax_merge.merge.checkpoint import DTYPES, BufferPool, Checkpoint, ShardedWriter
 from evojax_merge.merge.config import (
     Recipe,
@@ -40,7 +40,7 @@ from evojax_merge.merge.config import (
     parse_recipe,
     resolve_params,
 )
-from evojax_merge.merge.recipe import tensor_layer
+from evojax_merge.merge.names import tensor_layer
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -242,8 +242,11 @@ class _Merger:
     def __init__(self, recipe: Recipe):
         import jax
 
+        from evojax_merge.merge.operators import get_method
+
         _enable_compilation_cache(jax)
         self.jax = jax
+        self.method_fn = get_method(recipe.method.name).fn
         self.recipe = recipe
         self.key = jax.random.key(recipe.seed)
         self._cache: dict[Any, Any] = {}
@@ -258,7 +261,7 @@ class _Merger:
         numeric_names = tuple(sorted(k for k in options if k not in statics))
         cache_key = (tuple(sorted(statics.items())), numeric_names, out_dtype)
         if cache_key not in self._cache:
-            fn = self.recipe.method.fn
+            fn = self.method_fn
             dtype = DTYPES[out_dtype]
 
             def merge(sources, base, per_model, numeric, tensor_id):
@@ -351,8 +354,8 @@ def _read_inputs(job: TensorJob, ckpts: dict[str, Checkpoint], method: str, pool
             magnitudes = pool.take(src.shape, np.dtype(np.float32))
             np.subtract(src, base, out=magnitudes, dtype=np.float32)
             np.abs(magnitudes, out=magnitudes)
-            k = sp.host_num_kept(density, magnitudes.size)
-            thresholds.append(sp.host_kth_largest(magnitudes, k, overwrite=True))
+            k = selection.host_num_kept(density, magnitudes.size)
+            thresholds.append(selection.host_kth_largest(magnitudes, k, overwrite=True))
             pool.give(magnitudes)
         extra["threshold"] = thresholds
     return sources, base, extra

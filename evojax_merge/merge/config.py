@@ -30,14 +30,13 @@ import numpy as np
 import yaml
 
 from evojax_merge.errors import ConfigError
-from evojax_merge.merge.operators import MergeMethod, get_method
-from evojax_merge.merge.recipe import tensor_layer
-from evojax_merge.merge.sparsify import RESCALE_CONVENTIONS
+from evojax_merge.merge.names import tensor_layer
+from evojax_merge.merge.registry import RESCALE_CONVENTIONS, MethodSpec, get_spec
 
 # Parameters holding a fraction: outside [0, 1] is an error in a recipe file.
 FRACTIONS = ("density", "t", "gamma", "epsilon")
 OPTION_TYPES = {"normalize": bool, "filter_wise": bool, "normalize_weights": bool, "rescale": (bool, str)}
-# mergekit's boolean ``rescale`` in our conventions (see sparsify.RESCALE_CONVENTIONS).
+# mergekit's boolean ``rescale`` in our conventions (see registry.RESCALE_CONVENTIONS).
 RESCALE_FROM_BOOL = {True: "density", False: "none"}
 DTYPE_ALIASES = {
     "float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
@@ -75,7 +74,7 @@ class Slice:
 class Recipe:
     """A parsed recipe (paths are resolved relative to the recipe file)."""
 
-    method: MergeMethod
+    method: MethodSpec
     base_model: str | None
     slices: tuple[Slice, ...]
     parameters: dict[str, Any]
@@ -177,7 +176,7 @@ def parse_recipe(path: str | Path) -> Recipe:
         raise ConfigError(f"recipe {path}: unknown keys {unknown}")
     if "merge_method" not in raw:
         raise ConfigError(f"recipe {path}: missing merge_method")
-    method = get_method(raw["merge_method"])
+    method = get_spec(raw["merge_method"])
     root = path.parent
     base = _path(raw["base_model"], root, "base_model") if raw.get("base_model") else None
     params = _params(raw.get("parameters"), "parameters")
@@ -264,7 +263,7 @@ def parse_recipe(path: str | Path) -> Recipe:
 
 
 def merge_inputs(
-    method: MergeMethod, base: str | None, s: Slice
+    method: MethodSpec, base: str | None, s: Slice
 ) -> tuple[list[Source], Source | None]:
     """Which sources a method stacks (in order) and which is the base, for one slice.
 

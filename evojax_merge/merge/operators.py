@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from evojax_merge.merge import sparsify as sp
 from evojax_merge.merge.multislerp import multislerp, slerp
+from evojax_merge.merge.registry import SPECS, MethodSpec, get_spec
 
 # ----------------------------------------------------------------------------- shared pieces
 
@@ -267,93 +268,29 @@ def _task_method(sparsifier=None, consensus=None, normalize=False, **defaults):
 
 
 @dataclasses.dataclass(frozen=True)
-class MergeMethod:
-    """A registry entry.
+class MergeMethod(MethodSpec):
+    """A registry entry: a :class:`registry.MethodSpec` with its operator ``fn``."""
 
-    Attributes:
-      name: the mergekit name.
-      fn: the operator, ``fn(models, base=None, *, key=None, **params)``.
-      needs_base: the base model is required (and is not one of ``models``).
-      per_model: names of parameters given per model (``[N]``).
-      options: names of global parameters the method accepts.
-      random: uses the PRNG key.
-      min_models / max_models: number of models (excluding the base) it merges.
-    """
-
-    name: str
-    fn: Callable
-    needs_base: bool
-    per_model: tuple[str, ...] = ()
-    options: tuple[str, ...] = ()
-    random: bool = False
-    min_models: int = 1
-    max_models: int | None = None
+    fn: Callable | None = None
 
 
-_TASK_PER_MODEL = ("weight", "density")
+_OPERATORS: dict[str, Callable] = {
+    "linear": linear,
+    "slerp": slerp,
+    "multislerp": multislerp,
+    "passthrough": passthrough,
+    "model_stock": model_stock,
+    "task_arithmetic": _task_method(),
+    "ties": _task_method(sp.magnitude, "sum", normalize=True),
+    "dare_linear": _task_method(sp.random_drop),
+    "dare_ties": _task_method(sp.random_drop, "sum"),
+    "breadcrumbs": _task_method(sp.magnitude_outliers),
+    "breadcrumbs_ties": _task_method(sp.magnitude_outliers, "sum"),
+    "della": _task_method(sp.della_magprune, "sum", normalize=True),
+    "della_linear": _task_method(sp.della_magprune),
+}
 METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in [
-        MergeMethod("linear", linear, False, ("weight",), ("normalize",)),
-        MergeMethod("slerp", slerp, False, (), ("t",), min_models=2, max_models=2),
-        MergeMethod("multislerp", multislerp, False, ("weight",), ("normalize_weights", "eps")),
-        MergeMethod("passthrough", passthrough, False, (), ("scale",), max_models=1),
-        MergeMethod("model_stock", model_stock, True, (), ("filter_wise",), min_models=2),
-        MergeMethod("task_arithmetic", _task_method(), True, ("weight",), ("lambda_", "normalize")),
-        MergeMethod(
-            "ties",
-            _task_method(sp.magnitude, "sum", normalize=True),
-            True,
-            _TASK_PER_MODEL,
-            ("lambda_", "normalize", "rescale"),
-        ),
-        MergeMethod(
-            "dare_linear",
-            _task_method(sp.random_drop),
-            True,
-            _TASK_PER_MODEL,
-            ("lambda_", "normalize", "rescale"),
-            random=True,
-        ),
-        MergeMethod(
-            "dare_ties",
-            _task_method(sp.random_drop, "sum"),
-            True,
-            _TASK_PER_MODEL,
-            ("lambda_", "normalize", "rescale"),
-            random=True,
-        ),
-        MergeMethod(
-            "breadcrumbs",
-            _task_method(sp.magnitude_outliers),
-            True,
-            _TASK_PER_MODEL + ("gamma",),
-            ("lambda_", "normalize", "rescale"),
-        ),
-        MergeMethod(
-            "breadcrumbs_ties",
-            _task_method(sp.magnitude_outliers, "sum"),
-            True,
-            _TASK_PER_MODEL + ("gamma",),
-            ("lambda_", "normalize", "rescale"),
-        ),
-        MergeMethod(
-            "della",
-            _task_method(sp.della_magprune, "sum", normalize=True),
-            True,
-            _TASK_PER_MODEL + ("epsilon",),
-            ("lambda_", "normalize", "rescale"),
-            random=True,
-        ),
-        MergeMethod(
-            "della_linear",
-            _task_method(sp.della_magprune),
-            True,
-            _TASK_PER_MODEL + ("epsilon",),
-            ("lambda_", "normalize", "rescale"),
-            random=True,
-        ),
-    ]
+    name: MergeMethod(**dataclasses.asdict(SPECS[name]), fn=fn) for name, fn in _OPERATORS.items()
 }
 
 
@@ -363,14 +300,7 @@ def get_method(name: str) -> MergeMethod:
     Raises:
       ConfigError: unknown name (the message lists the known ones).
     """
-    from evojax_merge.errors import ConfigError
-
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown merge_method {name!r}; known: {', '.join(sorted(METHODS))}"
-        ) from None
+    return METHODS[get_spec(name).name]
 
 
 def merge_tensors(name: str, models, base=None, *, key=None, **params) -> jax.Array:

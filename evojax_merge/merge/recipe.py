@@ -20,24 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from evojax_merge.errors import ConfigError
+from evojax_merge.merge.names import FAMILIES, tensor_family, tensor_layer
 from evojax_merge.merge.operators import get_method
-
-# Family patterns are tried in this order: "post_attention_layernorm" is a norm, not attention.
-FAMILY_PATTERNS = (
-    ("norm", r"norm|ln_\d|ln_f|layernorm"),
-    ("embedding", r"embed|lm_head|wte|wpe|tok_embeddings|output\.weight"),
-    ("attention", r"attn|attention|q_proj|k_proj|v_proj|o_proj|query|key|value"),
-    ("mlp", r"mlp|gate_proj|up_proj|down_proj|fc\d|ffn|feed_forward|w[123]\b"),
-)
-FAMILIES = ("attention", "mlp", "embedding", "norm")
-_LAYER = re.compile(r"(?:^|[^a-z])(?:layers|layer|h|blocks|block)[^a-z0-9]{0,4}(?:_)?(\d+)")
 
 # Gene ranges (lower, upper) applied at decode time; None means unbounded.
 GENE_BOUNDS = {
@@ -48,28 +38,6 @@ GENE_BOUNDS = {
     "epsilon": (0.0, 1.0),
     "lambda_": (None, None),
 }
-
-
-def tensor_family(path: str) -> str:
-    """Tensor family of a parameter name or pytree path (attention / mlp / embedding / norm).
-
-    Raises:
-      ConfigError: the name matches no family (pass a ``family_of`` function to :class:`RecipeSpace`).
-    """
-    lowered = path.lower()
-    for family, pattern in FAMILY_PATTERNS:
-        if re.search(pattern, lowered):
-            return family
-    raise ConfigError(
-        f"cannot tell the tensor family (attention/mlp/embedding/norm) of {path!r};"
-        " pass family_of=... to RecipeSpace"
-    )
-
-
-def tensor_layer(path: str) -> int | None:
-    """Decoder-layer index in a parameter name (``model.layers.3.mlp...`` -> 3), None outside layers."""
-    match = _LAYER.search(path.lower())
-    return int(match.group(1)) if match else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RESCALE_CONVENTIONS = ("density", "l1", "none")
+from evojax_merge.merge.registry import RESCALE_CONVENTIONS
+from evojax_merge.merge.selection import host_kth_largest
+
 
 # How the k-th largest magnitude is found. XLA:CPU has no selection primitive and sorting a 28M-entry
 # embedding takes ~13 s there, so on CPU we call NumPy's O(n) introselect through a callback; on
@@ -43,28 +45,6 @@ def num_kept(density, n: int):
     # float32(0.7) * 10 = 6.9999999: nudge by a relative 1e-6 so d * n lands where float64 puts it.
     k = jnp.floor(jnp.asarray(density, jnp.float32) * n * (1.0 + 1e-6))
     return jnp.clip(k, 0, n).astype(jnp.int32)
-
-
-def host_kth_largest(values: np.ndarray, k: int, *, overwrite: bool = False) -> np.float32:
-    """NumPy twin of :func:`kth_largest` (introselect, O(n)); ``overwrite`` partitions in place.
-
-    Used inside the traced function through a callback, and by the merge command, which computes TIES
-    thresholds on the host while reading the next tensor and passes them as ``threshold``.
-    """
-    flat = np.asarray(values).reshape(-1)
-    k = int(k)
-    if k <= 0:
-        return np.float32(np.inf)
-    if overwrite and flat.flags.writeable:
-        flat.partition(flat.size - k)
-        return np.float32(flat[flat.size - k])
-    return np.float32(np.partition(flat, flat.size - k)[flat.size - k])
-
-
-def host_num_kept(density: float, n: int) -> int:
-    """NumPy twin of :func:`num_kept` (same float32 arithmetic, so host and device agree)."""
-    k = np.floor(np.float32(density) * np.float32(n) * np.float32(1.0 + 1e-6))
-    return int(np.clip(k, 0, n))
 
 
 def _kth_largest_host(values, k) -> np.ndarray:
