@@ -354,3 +354,15 @@ models:
         assert f.get_slice("lm_head.weight").get_dtype() == "BF16"
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16_out")
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits.float()).all()
+
+
+def test_missing_recipe_and_model_folder(models, tmp_path, capsys):
+    assert main([str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "cannot read recipe" in capsys.readouterr().err
+    recipe = _recipe(tmp_path, f"""
+models: [{{model: {models['a']}}}, {{model: {tmp_path / 'not_there'}}}]
+merge_method: linear
+""")
+    assert main([str(recipe), "--out", str(tmp_path / "out")]) == 2
+    assert f"model folder {tmp_path / 'not_there'} does not exist" in capsys.readouterr().err
+    _no_leftovers(tmp_path, "out")
