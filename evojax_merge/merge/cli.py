@@ -83,6 +83,14 @@ def _rename_layer(name: str, layer: int) -> str:
     return _LAYER_IN_NAME.sub(str(layer), name, count=1)
 
 
+def _tied_hint(tensor: str, lacking: Checkpoint) -> str:
+    # The usual cause: one model ties its output head to the embeddings and stores no lm_head.
+    if "lm_head" in tensor and lacking.config.get("tie_word_embeddings"):
+        return (f"; {lacking.path} ties its output head to the input embeddings"
+                " (tie_word_embeddings), so models with and without tied embeddings cannot be merged")
+    return ""
+
+
 def _check_same_tensors(ref: Checkpoint, other: Checkpoint) -> None:
     """Models merged whole must have the same tensor names and shapes (named in the error)."""
     missing = sorted(set(ref.tensors) - set(other.tensors))
@@ -91,11 +99,13 @@ def _check_same_tensors(ref: Checkpoint, other: Checkpoint) -> None:
         raise DataError(
             f"tensor {missing[0]!r} of {ref.path} is missing in {other.path}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + _tied_hint(missing[0], other)
         )
     if extra:
         raise DataError(
             f"tensor {extra[0]!r} of {other.path} is not in {ref.path}"
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + _tied_hint(extra[0], ref)
         )
     for name, info in ref.tensors.items():
         if other.tensors[name].shape != info.shape:
