@@ -168,7 +168,7 @@ def test_dare_matches_numpy_given_the_mask(name, elect, rescale):
     base, models = _rand(*SHAPE), _rand(2, *SHAPE)
     weights, densities = np.array([0.7, 0.5]), np.array([0.4, 0.8])
     key = jax.random.key(3)
-    keys = jax.random.split(key, 2)  # the operator gives model i the i-th split of the key
+    keys = ops.model_keys(key, 2)  # the operator's key for model i
     sparse = []
     for m, d, k in zip(models, densities, keys):
         tau = (m - base).astype(np.float64)
@@ -225,8 +225,9 @@ def test_della_with_zero_epsilon_is_dare_and_probs_follow_rank():
     np.testing.assert_allclose(della, dare, rtol=1e-6)
     # With a band, larger entries survive more often: average the keep rate by rank over many keys.
     tau = jnp.asarray(np.tile(np.arange(1, 11, dtype=np.float32), (50, 1)))
-    kept = jnp.mean(jnp.stack([sp.della_magprune(tau, 0.5, jax.random.key(i), epsilon=0.3) != 0
-                               for i in range(40)]), axis=(0, 1))
+    draws = jax.jit(jax.vmap(lambda k: sp.della_magprune(tau, 0.5, k, epsilon=0.3)))(
+        jax.random.split(jax.random.key(0), 40))
+    kept = jnp.mean(draws != 0, axis=(0, 1))
     np.testing.assert_allclose(kept, np.linspace(0.2, 0.8, 10), atol=0.06)
 
 
@@ -265,10 +266,12 @@ def test_dare_reproducible_and_unbiased():
     kept = np.asarray(one != 0)
     assert abs(kept.mean() - 0.3) < 0.03
     np.testing.assert_allclose(np.asarray(one)[kept], np.asarray(tau)[kept] / np.float32(0.3), rtol=1e-6)
-    draws = jax.vmap(lambda k: sp.random_drop(tau, 0.3, k))(jax.random.split(jax.random.key(0), 2000))
+    draws = jax.jit(jax.vmap(lambda k: sp.random_drop(tau, 0.3, k)))(jax.random.split(jax.random.key(0), 1000))
     mean = np.asarray(draws.mean(0))
-    # Standard error of each entry's mean: |tau| sqrt((1-d)/d / 2000) ~ 0.034 |tau|; allow 5 sigma.
-    assert np.all(np.abs(mean - np.asarray(tau)) <= 5 * 0.034 * np.abs(np.asarray(tau)) + 1e-6)
+    # Standard error of each entry's mean: |tau| sqrt((1-d)/d / 1000) ~ 0.048 |tau|; allow 5 sigma.
+    assert np.all(np.abs(mean - np.asarray(tau)) <= 5 * 0.048 * np.abs(np.asarray(tau)) + 1e-6)
+    # ... and over all entries the relative error averages out far below that.
+    assert abs(float(np.mean((mean - np.asarray(tau)) / np.asarray(tau)))) < 0.01
     l1 = sp.random_drop(tau, 0.3, jax.random.key(1), rescale="l1")
     np.testing.assert_allclose(jnp.abs(l1).sum(), jnp.abs(tau).sum(), rtol=1e-5)
 

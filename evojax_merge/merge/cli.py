@@ -16,12 +16,14 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -246,43 +248,50 @@ def _enable_compilation_cache(jax) -> None:
         pass
 
 
+# Compiled kernels by signature, shared by every merge in the process (an evolutionary run or a test
+# session merges many times with the same shapes).
+_KERNELS: dict[Any, Any] = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_kernel(method: str, statics: tuple[tuple[str, Any], ...], out_dtype: str):
+    """The jitted per-tensor merge of a method with fixed static options and output dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    from evojax_merge.merge.operators import get_method
+    from evojax_merge.merge.sparsify import derive_key
+
+    fn = get_method(method).fn
+    dtype = DTYPES[out_dtype]
+
+    def merge(sources, base, per_model, numeric, key, tensor_id):
+        models = jnp.stack([x.astype(jnp.float32) for x in sources])
+        b = None if base is None else base.astype(jnp.float32)
+        out = fn(models, b, key=derive_key(key, tensor_id), **per_model, **numeric,
+                 **dict(statics))
+        return out.astype(dtype)
+
+    return jax.jit(merge)
+
+
 class _Merger:
-    """Jitted per-tensor merge functions, compiled once per (method options, shapes, dtypes)."""
+    """Runs each job's kernel; kernels are compiled once per (method options, shapes, dtypes)."""
 
     def __init__(self, recipe: Recipe):
         import jax
 
-        from evojax_merge.merge.operators import get_method
-
         _enable_compilation_cache(jax)
         self.jax = jax
-        self.method_fn = get_method(recipe.method.name).fn
         self.recipe = recipe
         self.key = jax.random.key(recipe.seed)
-        self._cache: dict[Any, Any] = {}
         self._compiled: dict[Any, concurrent.futures.Future] = {}
         self._job_keys: dict[str, Any] = {}
 
     def _fn(self, options: dict[str, Any], out_dtype: str):
-        import jax
-        import jax.numpy as jnp
-
-        statics = {k: v for k, v in options.items() if isinstance(v, (bool, str))}
-        numeric_names = tuple(sorted(k for k in options if k not in statics))
-        cache_key = (tuple(sorted(statics.items())), numeric_names, out_dtype)
-        if cache_key not in self._cache:
-            fn = self.method_fn
-            dtype = DTYPES[out_dtype]
-
-            def merge(sources, base, per_model, numeric, tensor_id):
-                models = jnp.stack([x.astype(jnp.float32) for x in sources])
-                b = None if base is None else base.astype(jnp.float32)
-                key = jax.random.fold_in(self.key, tensor_id)
-                out = fn(models, b, key=key, **per_model, **numeric, **statics)
-                return out.astype(dtype)
-
-            self._cache[cache_key] = jax.jit(merge)
-        return self._cache[cache_key]
+        statics = tuple(sorted((k, v) for k, v in options.items() if isinstance(v, (bool, str))))
+        return _merge_kernel(self.recipe.method.name, statics, out_dtype)
 
     def _flat(self, job: TensorJob) -> bool:
         # Entry-wise methods see the flat tensor: same result, fewer shapes to compile (the
@@ -296,7 +305,7 @@ class _Merger:
         if self._flat(job):
             sources = [x.reshape(-1) for x in sources]
             base = None if base is None else base.reshape(-1)
-        return sources, base, per_model, numeric, tensor_id
+        return sources, base, per_model, numeric, self.key, tensor_id
 
     def _signature(self, job: TensorJob, ckpts: dict[str, Checkpoint]) -> tuple[Any, tuple]:
         """(hashable key, abstract arguments) of the kernel a job runs."""
@@ -308,27 +317,37 @@ class _Merger:
             return jax.ShapeDtypeStruct(shape, DTYPES[info.dtype])
 
         extra = {"threshold": [0.0] * len(job.sources)} if _host_thresholds(job, self.recipe) else {}
-        _, _, per_model, numeric, tensor_id = self._arguments(job, [], None, extra)
+        _, _, per_model, numeric, key, _ = self._arguments(job, [], None, extra)
         sources = [spec(m, n) for m, n in job.sources]
         base = spec(*job.base) if job.base else None
         abstract = (sources, base, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in per_model.items()},
                     {k: jax.ShapeDtypeStruct((), np.float32) for k in numeric},
-                    jax.ShapeDtypeStruct((), np.uint32))
+                    jax.ShapeDtypeStruct(key.shape, key.dtype), jax.ShapeDtypeStruct((), np.uint32))
         statics = tuple(sorted((k, v) for k, v in job.options.items() if isinstance(v, (bool, str))))
-        key = (statics, job.dtype, tuple((x.shape, x.dtype) for x in sources),
-               None if base is None else (base.shape, base.dtype), tuple(sorted(per_model)),
-               tuple(sorted(numeric)))
-        return key, abstract
+        signature = (self.recipe.method.name, statics, job.dtype, tuple((x.shape, x.dtype) for x in sources),
+                     None if base is None else (base.shape, base.dtype), tuple(sorted(per_model)),
+                     tuple(sorted(numeric)))
+        return signature, abstract
 
     def precompile(self, jobs: list[TensorJob], ckpts: dict[str, Checkpoint], pool) -> None:
         """Starts tracing and compiling (or loading from the disk cache) every distinct kernel in
         ``pool`` so that it overlaps with reading the first tensors."""
+
+        def compile_one(fn, abstract, signature):
+            with _KERNELS_LOCK:
+                kernel = _KERNELS.get(signature)
+            if kernel is None:
+                kernel = fn.lower(*abstract).compile()
+                with _KERNELS_LOCK:
+                    _KERNELS[signature] = kernel
+            return kernel
+
         for job in jobs:
-            key, abstract = self._signature(job, ckpts)
-            self._job_keys[job.name] = key
-            if key not in self._compiled:
+            signature, abstract = self._signature(job, ckpts)
+            self._job_keys[job.name] = signature
+            if signature not in self._compiled:
                 fn = self._fn(job.options, job.dtype)
-                self._compiled[key] = pool.submit(lambda f=fn, a=abstract: f.lower(*a).compile())
+                self._compiled[signature] = pool.submit(compile_one, fn, abstract, signature)
 
     def __call__(self, job: TensorJob, sources: list[np.ndarray], base: np.ndarray | None, extra):
         args = self._arguments(job, sources, base, extra)

@@ -77,13 +77,18 @@ def sparsify_each(
     """
     n = len(taus)
     density = per_model(density, n)
-    keys = jax.random.split(key if key is not None else jax.random.key(0), n)
+    keys = model_keys(key if key is not None else jax.random.key(0), n)
     static = {k: v for k, v in options.items() if isinstance(v, str)}
     numeric = {k: per_model(v, n) for k, v in options.items() if not isinstance(v, str)}
     return [
         sparsifier(tau, density[i], keys[i], **{k: v[i] for k, v in numeric.items()}, **static)
         for i, tau in enumerate(taus)
     ]
+
+
+def model_keys(key: jax.Array, n: int) -> list[jax.Array]:
+    """N distinct keys for the N models' masks (:func:`sparsify.derive_key` on word 0)."""
+    return [sp.derive_key(key, i, word=0) for i in range(n)]
 
 
 def weigh(taus: Sequence[jax.Array], weights: jax.Array) -> list[jax.Array]:
@@ -324,7 +329,7 @@ def merge_trees(
       models: a pytree whose leaves are stacked [N, ...] (e.g. ``jax.tree.map(lambda *x: jnp.stack(x),
         *trees)``).
       base: a pytree of the same structure with unstacked leaves, or None.
-      key: PRNG key; each leaf gets ``fold_in(key, leaf_index)`` so masks differ between tensors.
+      key: PRNG key; each leaf gets ``sparsify.derive_key(key, leaf_index)`` so masks differ.
       leaf_params: optional ``(path_string, leaf) -> params`` overriding ``params`` per leaf (per-layer
         recipes).
       **params: method parameters shared by all leaves.
@@ -344,7 +349,7 @@ def merge_trees(
         p = dict(params)
         if leaf_params is not None:
             p.update(leaf_params(jax.tree_util.keystr(path), leaf))
-        out.append(fn(leaf, b, key=jax.random.fold_in(key, i), **p))
+        out.append(fn(leaf, b, key=sp.derive_key(key, i), **p))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

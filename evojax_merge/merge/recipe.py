@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from evojax_merge.errors import ConfigError
 from evojax_merge.merge.names import FAMILIES, tensor_family, tensor_layer
 from evojax_merge.merge.operators import get_method
+from evojax_merge.merge.sparsify import derive_key
 
 # Gene ranges (lower, upper) applied at decode time; None means unbounded.
 GENE_BOUNDS = {
@@ -145,7 +146,7 @@ def merge_genome(
       genome: float [space.size].
       models: pytree whose leaves stack the N models on axis 0 ([N, ...]).
       base: pytree of base tensors, or None for methods without a base.
-      key: PRNG key for random methods; leaf i uses ``fold_in(key, i)``.
+      key: PRNG key for random methods; leaf i uses ``sparsify.derive_key(key, i)``.
 
     Returns:
       The merged pytree.
@@ -165,7 +166,7 @@ def merge_genome(
         for name, value in genes.items():
             per_leaf = value[:, group, family]  # [N]
             params[name] = per_leaf if name in method.per_model else per_leaf[0]
-        out.append(method.fn(leaf, b, key=jax.random.fold_in(key, i), **params))
+        out.append(method.fn(leaf, b, key=derive_key(key, i), **params))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
