@@ -154,7 +154,10 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise DataError(f"model folder {self.path} does not exist")
+            raise DataError(
+                f"model folder {self.path} does not exist (models are read from local folders;"
+                " download Hub models first)"
+            )
         config_path = self.path / "config.json"
         try:
             self.config = json.loads(config_path.read_text())
