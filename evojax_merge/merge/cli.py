@@ -82,7 +82,10 @@ def parse_size(text: str) -> int:
 
 
 def _rename_layer(name: str, layer: int) -> str:
-    return _LAYER_IN_NAME.sub(str(layer), name, count=1)
+    renamed, count = _LAYER_IN_NAME.subn(str(layer), name, count=1)
+    if not count:
+        raise ConfigError(f"slices need layer tensors named '...layers.<i>....'; cannot renumber {name!r}")
+    return renamed
 
 
 def _tied_hint(tensor: str, lacking: Checkpoint) -> str:
