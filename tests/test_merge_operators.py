@@ -240,6 +240,12 @@ def test_weights_one_zero_return_model_a():
     np.testing.assert_array_equal(got, a)
     got = ops.merge_tensors("multislerp", jnp.stack([a, b]), weight=jnp.array([1.0, 0.0]))
     np.testing.assert_allclose(got, a, rtol=1e-5, atol=1e-6)
+    base = _rand(*SHAPE)
+    for name in ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della"]:
+        # Density 1 keeps every entry: the merge is model A exactly as far as float32 allows.
+        got = ops.merge_tensors(name, jnp.stack([a, b]), base, key=jax.random.key(0),
+                                weight=jnp.array([1.0, 0.0]), density=1.0)
+        np.testing.assert_allclose(got, a, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_ties_density_one_single_model_is_task_arithmetic():
