@@ -11,9 +11,11 @@ Genes decode like mergekit parameters: densities and ``t`` are clamped to [0, 1]
 negative unless ``allow_negative_weights=False`` (then clamped at 0).
 
 :func:`merge_genome` maps one genome to a merged pytree; it is pure, so :func:`merge_population` vmaps
-it over a population, in chunks of ``batch_size`` genomes via ``lax.map`` so that a population of large
-models never holds more than ``batch_size`` merged copies at once. When only a score per genome is needed,
-:func:`evaluate_population` merges and scores inside the chunk and returns just the scores.
+it over a population, in chunks of ``batch_size`` genomes via ``lax.map`` so that the merge's
+intermediates (task vectors, masks) exist for at most ``batch_size`` genomes at once. Its result still
+holds P merged models; when a score per genome is all that is needed (the evolutionary loop),
+:func:`evaluate_population` merges and scores inside each chunk, so at most ``batch_size`` merged models
+exist at any time and only the scores are returned.
 """
 
 from __future__ import annotations
