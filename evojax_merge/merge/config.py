@@ -1,0 +1,328 @@
+"""Merge recipes in mergekit's YAML format, resolved into a per-tensor plan.
+
+Accepted keys (the subset of mergekit's schema that describes a merge; same meaning):
+
+- ``merge_method``: a name of :data:`operators.METHODS`.
+- ``base_model``: model folder, needed by the task-vector methods and model_stock; for slerp it is the
+  ``t = 0`` end.
+- ``models``: list of ``{model: PATH, parameters: {...}}`` (whole-model merges), or
+- ``slices``: list of ``{sources: [{model, layer_range: [a, b], parameters}], parameters}``; the output
+  layers are the concatenation of the slices (layer stacking with ``passthrough``).
+- ``parameters``: global parameters; ``dtype`` / ``out_dtype``: float32, float16 or bfloat16;
+  ``tokenizer_source``: model whose tokenizer files are copied (default: base, else first model).
+
+Parameter values are a scalar, a gradient (a list of numbers, interpolated linearly over the layers of
+the model or slice), or a list of ``{filter: SUBSTRING, value: ...}`` entries where the first entry whose
+filter is a substring of the tensor name applies and an entry without filter is the default. Precedence,
+highest first: slice source parameters, slice parameters, model parameters, global parameters.
+Tensors outside the layers evaluate gradients at their start (embeddings) or end (final norm, head).
+``lambda`` is spelled ``lambda_`` in Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from evojax_merge.errors import ConfigError
+from evojax_merge.merge.names import tensor_layer
+from evojax_merge.merge.registry import RESCALE_CONVENTIONS, MethodSpec, get_spec
+
+# Parameters holding a fraction: outside [0, 1] is an error in a recipe file.
+FRACTIONS = ("density", "t", "gamma", "epsilon")
+OPTION_TYPES = {"normalize": bool, "filter_wise": bool, "normalize_weights": bool, "rescale": (bool, str)}
+# mergekit's boolean ``rescale`` in our conventions (see registry.RESCALE_CONVENTIONS).
+RESCALE_FROM_BOOL = {True: "density", False: "none"}
+DTYPE_ALIASES = {
+    "float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+}
+KNOWN_KEYS = {
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "name", "chat_template", "random_seed", "seed",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One input of a (slice of a) merge: a model and the layers it contributes."""
+
+    model: str
+    layer_range: tuple[int, int] | None
+    parameters: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """A run of output layers merged from aligned layer ranges of the sources."""
+
+    sources: tuple[Source, ...]
+    parameters: dict[str, Any]
+
+    @property
+    def num_layers(self) -> int | None:
+        r = self.sources[0].layer_range
+        return None if r is None else r[1] - r[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A parsed recipe (paths are resolved relative to the recipe file)."""
+
+    method: MethodSpec
+    base_model: str | None
+    slices: tuple[Slice, ...]
+    parameters: dict[str, Any]
+    out_dtype: str | None
+    tokenizer_source: str | None
+    seed: int
+    text: str
+    uses_slices: bool
+
+    @property
+    def models(self) -> list[str]:
+        """Every model folder the recipe reads, base first, without repeats."""
+        seen = [self.base_model] if self.base_model else []
+        for s in self.slices:
+            for src in s.sources:
+                if src.model not in seen:
+                    seen.append(src.model)
+        return seen
+
+
+def _check_value(value: Any, where: str) -> None:
+    """Checks a parameter's value recursively; fractions must be in [0, 1]."""
+    name = where.rsplit(".", 1)[-1]
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            for i, entry in enumerate(value):
+                if "value" not in entry:
+                    raise ConfigError(f"{where}[{i}]: a filtered parameter needs a 'value'")
+                _check_value(entry["value"], f"{where}[{i}].{name}")
+            return
+        if not value:
+            raise ConfigError(f"{where}: empty gradient list")
+        for v in value:
+            _check_value(v, where)
+        return
+    if name in OPTION_TYPES:
+        if not isinstance(value, OPTION_TYPES[name]):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        if name == "rescale" and isinstance(value, str) and value not in RESCALE_CONVENTIONS:
+            raise ConfigError(f"{where}: rescale must be true, false or one of {RESCALE_CONVENTIONS}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not finite")
+    if name in FRACTIONS and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{where}: {name} must be in [0, 1], got {value}")
+
+
+def _params(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: parameters must be a mapping, got {type(raw).__name__}")
+    out = {}
+    for key, value in raw.items():
+        key = "lambda_" if key == "lambda" else key
+        if key in ("int8_mask",):  # a memory trick of mergekit's; meaningless here
+            continue
+        _check_value(value, f"{where}.{key}")
+        out[key] = RESCALE_FROM_BOOL[value] if key == "rescale" and isinstance(value, bool) else value
+    return out
+
+
+def _path(value: Any, root: Path, where: str) -> str:
+    if isinstance(value, dict):  # mergekit also accepts {model: path}
+        value = value.get("model")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a model folder path, got {value!r}")
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (root / path))
+
+
+def parse_recipe(path: str | Path) -> Recipe:
+    """Reads and validates a mergekit-style recipe file.
+
+    Args:
+      path: the YAML file.
+
+    Returns:
+      The parsed :class:`Recipe`.
+
+    Raises:
+      ConfigError: unreadable or malformed file, unknown method or keys, missing base model for a
+        method that needs one, fractions outside [0, 1], wrong number of models.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+        raw = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read recipe {path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping")
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(f"recipe {path}: unknown keys {unknown}")
+    if "merge_method" not in raw:
+        raise ConfigError(f"recipe {path}: missing merge_method")
+    method = get_spec(raw["merge_method"])
+    root = path.parent
+    base = _path(raw["base_model"], root, "base_model") if raw.get("base_model") else None
+    params = _params(raw.get("parameters"), "parameters")
+
+    if ("models" in raw) == ("slices" in raw):
+        raise ConfigError(f"recipe {path}: give exactly one of 'models' or 'slices'")
+    if "models" in raw:
+        entries = raw["models"]
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError("models: expected a non-empty list")
+        sources = []
+        for i, entry in enumerate(entries):
+            entry = entry if isinstance(entry, dict) else {"model": entry}
+            model = _path(entry.get("model"), root, f"models[{i}].model")
+            sources.append(Source(model, None, _params(entry.get("parameters"), f"models[{i}].parameters")))
+        slices = (Slice(tuple(sources), {}),)
+    else:
+        entries = raw["slices"]
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError("slices: expected a non-empty list")
+        slices = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+                raise ConfigError(f"slices[{i}]: expected a mapping with a non-empty 'sources' list")
+            sources = []
+            for j, src in enumerate(entry["sources"]):
+                where = f"slices[{i}].sources[{j}]"
+                if not isinstance(src, dict):
+                    raise ConfigError(f"{where}: expected a mapping")
+                lr = src.get("layer_range")
+                if (
+                    not isinstance(lr, list) or len(lr) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                    or not 0 <= lr[0] < lr[1]
+                ):
+                    raise ConfigError(f"{where}.layer_range: expected [start, end) with 0 <= start < end")
+                sources.append(
+                    Source(_path(src.get("model"), root, f"{where}.model"), (lr[0], lr[1]),
+                           _params(src.get("parameters"), f"{where}.parameters"))
+                )
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+            if len(lengths) != 1:
+                raise ConfigError(f"slices[{i}]: the sources' layer ranges have different lengths")
+            slices.append(Slice(tuple(sources), _params(entry.get("parameters"), f"slices[{i}].parameters")))
+        slices = tuple(slices)
+
+    if method.needs_base and base is None:
+        raise ConfigError(f"merge_method {method.name!r} needs a base_model")
+    for i, s in enumerate(slices):
+        n = len(merge_inputs(method, base, s)[0])
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            most = "any number of" if method.max_models is None else f"at most {method.max_models}"
+            raise ConfigError(
+                f"{method.name} merges at least {method.min_models} and {most} models per tensor"
+                f" (besides the base model); slice {i} gives it {n}"
+            )
+
+    dtype = raw.get("out_dtype") or raw.get("dtype")
+    if dtype is not None and dtype not in DTYPE_ALIASES:
+        raise ConfigError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPE_ALIASES)}")
+    tok = raw.get("tokenizer_source")
+    if isinstance(raw.get("tokenizer"), dict):
+        tok = raw["tokenizer"].get("source", tok)
+    if tok in ("base", None):
+        tok = base
+    elif tok == "union":
+        raise ConfigError("tokenizer_source: union is not supported; name one model")
+    else:
+        tok = _path(tok, root, "tokenizer_source")
+    seed = raw.get("random_seed", raw.get("seed", 0))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"random_seed must be an integer, got {seed!r}")
+    return Recipe(
+        method=method,
+        base_model=base,
+        slices=slices,
+        parameters=params,
+        out_dtype=DTYPE_ALIASES[dtype] if dtype else None,
+        tokenizer_source=tok,
+        seed=seed,
+        text=text,
+        uses_slices="slices" in raw,
+    )
+
+
+def merge_inputs(
+    method: MethodSpec, base: str | None, s: Slice
+) -> tuple[list[Source], Source | None]:
+    """Which sources a method stacks (in order) and which is the base, for one slice.
+
+    Task-vector methods, model_stock and multislerp merge every source except the base model and use the
+    base as origin; slerp stacks the base first (``t = 0``); linear and passthrough stack every source.
+    A base model not listed among the sources takes the layer range of the first source.
+    """
+    if base is None or method.name in ("linear", "passthrough"):
+        return list(s.sources), None
+    base_src = next((src for src in s.sources if src.model == base), None)
+    if base_src is None:
+        base_src = Source(base, s.sources[0].layer_range, {})
+    others = [src for src in s.sources if src.model != base]
+    if method.name == "slerp":
+        return [base_src] + others, None
+    return others, base_src
+
+
+def resolve_value(value: Any, tensor: str, position: float) -> Any:
+    """Evaluates a parameter for one tensor.
+
+    Args:
+      value: scalar, gradient list or list of ``{filter, value}``.
+      tensor: the output tensor name (filters match substrings of it).
+      position: where the tensor sits in the model or slice, in [0, 1] (for gradients).
+
+    Returns:
+      The value, or None when a filter list has neither a match nor a default.
+    """
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for entry in value:
+            f = entry.get("filter")
+            if f is None or str(f) in tensor:
+                return resolve_value(entry["value"], tensor, position)
+        return None
+    if isinstance(value, list):
+        if len(value) == 1:
+            return float(value[0])
+        x = position * (len(value) - 1)
+        return float(np.interp(x, np.arange(len(value)), np.asarray(value, np.float64)))
+    return value
+
+
+def resolve_params(layers: list[dict[str, Any]], tensor: str, position: float) -> dict[str, Any]:
+    """Merges parameter dicts by precedence (first wins) and evaluates them for a tensor."""
+    out: dict[str, Any] = {}
+    for params in layers:
+        for key, value in params.items():
+            if key in out:
+                continue
+            resolved = resolve_value(value, tensor, position)
+            if resolved is not None:
+                out[key] = resolved
+    return out
+
+
+def layer_position(name: str, num_layers: int, index_in_slice: int | None = None) -> float:
+    """Gradient position of a tensor: layer / (layers - 1); 0 before the layers, 1 after them."""
+    layer = tensor_layer(name) if index_in_slice is None else index_in_slice
+    if layer is None:
+        return 0.0 if ("embed" in name or "wte" in name or "wpe" in name) else 1.0
+    return layer / max(num_layers - 1, 1)
