@@ -4,7 +4,7 @@ Both run the same dequantized weights in the same process, one after the other o
 the ratio is robust to what else the machine is doing. Forward: full logits of batch x sequence
 inputs (the work of fitness evaluation). Generation: greedy, 32 new tokens for 8 prompts, with a
 KV cache on both sides. Each figure is the best of ``--repeats`` timed runs after one warm-up (which
-includes our compilation).
+includes our compilation); ours and transformers' runs alternate.
 
 Usage: python scripts/bench_llm.py [--repeats 3] [--shapes 8x128,32x64,1x512] [--no-generate]
 
@@ -31,14 +31,24 @@ import numpy as np  # noqa: E402
 from evojax_merge.models import gguf_io, hf_io, llama  # noqa: E402
 
 
-def best_time(fn, repeats):
-    fn()  # warm-up: compilation, caches, allocator
-    times = []
+def best_times(fns, repeats):
+    """Best wall time of each function; runs alternate so both see the same machine load."""
+    for fn in fns:
+        fn()  # warm-up: compilation, caches, allocator
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [min(ts) for ts in times]
+
+
+def torch_forward(model, ids):
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
 
 
 def main(argv=None):
@@ -69,9 +79,8 @@ def main(argv=None):
         b, t = (int(n) for n in shape.split("x"))
         ids = rng.integers(100, config.vocab_size, (b, t))
         ids_j, ids_t = jnp.asarray(ids), torch.as_tensor(ids)
-        ours = best_time(lambda: forward(params, ids_j).block_until_ready(), args.repeats)
-        with torch.inference_mode():
-            ref = best_time(lambda: model(input_ids=ids_t).logits, args.repeats)
+        ours, ref = best_times([lambda: forward(params, ids_j).block_until_ready(),
+                                lambda: torch_forward(model, ids_t)], args.repeats)
         ratios.append(ref / ours)
         print(f"{shape:>8} {b * t / ours:11.1f} {b * t / ref:19.1f} {ref / ours:6.2f}", flush=True)
 
@@ -85,12 +94,11 @@ def main(argv=None):
         mask = (np.arange(width)[None] >= (width - np.array([len(e) for e in enc]))[:, None]).astype(int)
         no_eos = dataclasses.replace(config, eos_token_id=())  # always generate all 32 tokens
         gen = partial(llama.generate, config=no_eos, max_new_tokens=new, pad_token_id=0)
-        ours = best_time(lambda: gen(params, jnp.asarray(ids), jnp.asarray(mask)).block_until_ready(),
-                         args.repeats)
-        with torch.inference_mode():
-            ref = best_time(lambda: model.generate(
+        ours, ref = best_times([
+            lambda: gen(params, jnp.asarray(ids), jnp.asarray(mask)).block_until_ready(),
+            lambda: model.generate(  # generate() runs under no_grad itself
                 input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
-                max_new_tokens=new, min_new_tokens=new, pad_token_id=0), args.repeats)
+                max_new_tokens=new, min_new_tokens=new, pad_token_id=0)], args.repeats)
         print(f"generate {n_prompts}x{new}: ours {n_prompts * new / ours:.1f} new tok/s, transformers "
               f"{n_prompts * new / ref:.1f} new tok/s, ratio {ref / ours:.2f}")
 
