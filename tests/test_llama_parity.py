@@ -75,11 +75,14 @@ def test_greedy_generation_matches_transformers(pair):
     np.testing.assert_array_equal(ours, ref)
 
 
-def test_vmap_over_population(pair):
+def test_vmap_over_population():
     """A population of parameter pytrees scores in one vmapped call, each as if alone."""
-    _, _, config, params = pair
-    other = jax.tree_util.tree_map(lambda x: x * 0.9, params)
-    population = jax.tree_util.tree_map(lambda *x: jnp.stack(x), params, other)
-    ids = np.random.default_rng(3).integers(3, config.vocab_size, (2, 5))
-    both = jax.vmap(partial(llama.apply, config=config), in_axes=(0, None))(population, ids)
-    np.testing.assert_allclose(both[1], llama.apply(other, ids, config=config), atol=1e-5)
+    config = llama.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    population = jax.jit(jax.vmap(lambda k: llama.init_params(config, k, std=0.3)))(keys)
+    ids = np.random.default_rng(3).integers(0, config.vocab_size, (2, 5))
+    forward = partial(llama.apply, config=config)
+    all_logits = jax.jit(jax.vmap(forward, in_axes=(0, None)))(population, ids)
+    second = jax.tree_util.tree_map(lambda x: x[1], population)
+    np.testing.assert_allclose(all_logits[1], jax.jit(forward)(second, ids), atol=1e-5)
