@@ -193,12 +193,15 @@ class LlamaConfig:
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Random parameters (normal(0, std) weights, unit norms), the Hugging Face initialisation."""
     shapes = config.param_shapes
-    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = [jnp.ones(s, dtype) if "norm" in p else (std * jax.random.normal(k, s)).astype(dtype)
-           for p, s, k in zip(paths, leaves, keys)]
+    is_shape = lambda s: isinstance(s, tuple)  # noqa: E731
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
+    sizes = [math.prod(s) for _, s in with_paths]
+    # One draw for all leaves: a single random-number kernel to compile instead of one per shape.
+    flat = std * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    offsets = np.cumsum([0] + sizes)
+    out = [jnp.ones(s, dtype) if "norm" in jax.tree_util.keystr(p)
+           else flat[offsets[i]:offsets[i + 1]].reshape(s).astype(dtype)
+           for i, (p, s) in enumerate(with_paths)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
