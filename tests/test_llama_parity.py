@@ -73,6 +73,9 @@ def test_greedy_generation_matches_transformers(pair):
                              min_new_tokens=0)[:, ids.shape[1]:].numpy()
     ref = np.pad(ref, ((0, 0), (0, 10 - ref.shape[1])))  # HF stops early when every row hit EOS
     np.testing.assert_array_equal(ours, ref)
+    scanned = llama.generate(params, jnp.asarray(ids), jnp.asarray(mask), config=config, max_new_tokens=10,
+                             pad_token_id=0, scan_layers=True)
+    np.testing.assert_array_equal(scanned, ours)
 
 
 def test_vmap_over_population():
