@@ -162,19 +162,19 @@ def generation_batch(tokenizer, examples: Sequence[TextExample], pad_id: int,
 
 
 def exact_match_scores(params, batch: Batch, *, config: llama.LlamaConfig, table: dict,
-                       max_new_tokens: int, pad_token_id: int) -> jax.Array:
+                       max_new_tokens: int, pad_token_id: int, scan_layers: bool = False) -> jax.Array:
     """1.0 where the last number of the greedy generation equals ``batch["answer"]``, else 0.0 (N,)."""
     out = llama.generate(params, batch["input_ids"], batch["attention_mask"], config=config,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
     value, found = last_number_in_tokens(out, table)
     return (found & (value == batch["answer"])).astype(jnp.float32)
 
 
 def prefix_match_scores(params, batch: Batch, *, config: llama.LlamaConfig, max_new_tokens: int,
-                        pad_token_id: int) -> jax.Array:
+                        pad_token_id: int, scan_layers: bool = False) -> jax.Array:
     """1.0 where the greedy generation starts with the answer's tokens ``batch["answer_ids"]`` (N,)."""
     out = llama.generate(params, batch["input_ids"], batch["attention_mask"], config=config,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
     ans = jnp.asarray(batch["answer_ids"])
     if ans.shape[1] > out.shape[1]:  # an answer longer than the generation cannot match
         out = jnp.pad(out, ((0, 0), (0, ans.shape[1] - out.shape[1])), constant_values=-2)
@@ -239,17 +239,18 @@ def choice_scores(params, batch: Batch, *, config: llama.LlamaConfig, mean: bool
 
 # ------------------------------------------------------------------------------------------ tasks
 def make_scorer(kind: str, config: llama.LlamaConfig, tokenizer=None, *, max_new_tokens: int = 16,
-                pad_token_id: int = 0) -> Callable:
+                pad_token_id: int = 0, scan_layers: bool = False) -> Callable:
     """A jit-compiled ``scores(params, batch) -> (N,)`` of one kind: "exact_match", "prefix_match",
-    "loglik" or "choice". Vmap it over a population: ``jax.vmap(scorer, in_axes=(0, None))``."""
+    "loglik" or "choice". Vmap it over a population: ``jax.vmap(scorer, in_axes=(0, None))``.
+    ``scan_layers`` (generation kinds): compile faster, decode slower (see ``llama.generate``)."""
     if kind == "exact_match":
         if tokenizer is None:
             raise DataError("exact_match needs the tokenizer (to find the digit tokens)")
         fn = partial(exact_match_scores, config=config, table=number_table(tokenizer, config.vocab_size),
-                     max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+                     max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
     elif kind == "prefix_match":
         fn = partial(prefix_match_scores, config=config, max_new_tokens=max_new_tokens,
-                     pad_token_id=pad_token_id)
+                     pad_token_id=pad_token_id, scan_layers=scan_layers)
     elif kind == "loglik":
         fn = partial(loglik_scores, config=config)
     elif kind == "choice":
