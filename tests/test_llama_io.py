@@ -102,3 +102,25 @@ def test_unpermute_inverts_llama_cpp_permutation():
     w = np.arange(12 * 3).reshape(12, 3)
     permuted = w.reshape(3, 2, 2, 3).swapaxes(1, 2).reshape(12, 3)
     np.testing.assert_array_equal(unpermute_qk(permuted, 3), w)
+
+
+def test_config_forms():
+    """transformers 4.x (rope_theta + rope_scaling) and 5.x (rope_parameters) config.json both parse,
+    and to_hf_dict round-trips."""
+    base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "eos_token_id": [2, 3]}
+    v4 = llama.LlamaConfig.from_hf_dict(base | {"rope_theta": 5e5, "rope_scaling": {
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}})
+    v5 = llama.LlamaConfig.from_hf_dict(base | {"rope_parameters": {
+        "rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    assert v4 == v5 and v4.rope_type == "llama3" and v4.head_dim == 4 and v4.num_key_value_heads == 2
+    assert v4.eos_token_id == (2, 3)
+    assert llama.LlamaConfig.from_hf_dict(v4.to_hf_dict()) == v4
+    with pytest.raises(ConfigError, match="rope scaling 'yarn'"):
+        llama.LlamaConfig.from_hf_dict(base | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ConfigError, match="attention_bias"):
+        llama.LlamaConfig.from_hf_dict(base | {"attention_bias": True})
+    with pytest.raises(ConfigError, match="lacks the field 'hidden_size'"):
+        llama.LlamaConfig.from_hf_dict({k: v for k, v in base.items() if k != "hidden_size"})
