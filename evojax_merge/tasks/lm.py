@@ -1,0 +1,260 @@
+"""Language-model task evaluators with the classifier's contract: ``scores(params, batch) -> (N,)``.
+
+One score per data point (M2N2's competition and attraction need them); a task's accuracy is their
+mean. Every scorer is a pure JAX function of the parameters, so it jit-compiles once per batch shape
+and ``jax.vmap`` scores a population of merged models in one call.
+
+- :func:`exact_match_scores`: greedy generation, then the LAST NUMBER in the generated tokens is
+  compared with the reference number (GSM8K convention). The number is parsed on device from a
+  per-token table (:func:`number_table`), so no host round trip sits inside the evaluation.
+- :func:`prefix_match_scores`: greedy generation must start with the reference answer's tokens
+  (string answers, e.g. the list skill).
+- :func:`loglik_scores`: log-likelihood of the reference continuation (sum or per-token mean).
+- :func:`choice_scores`: 1 when the reference continuation is the most likely of the choices.
+
+Batches are dicts of numpy arrays built on the host once per data set (``*_batch`` builders): prompts
+LEFT-padded for generation (every row's next token lands in the same slot), and prompt+continuation
+rows for likelihood with a mask of the continuation's tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evojax_merge.data.synthetic_text import TextExample
+from evojax_merge.errors import DataError
+from evojax_merge.models import llama
+
+Batch = dict[str, np.ndarray]
+
+
+# -------------------------------------------------------------------------------------- tokenizers
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without added special tokens, for ``tokenizers``, ``transformers`` or
+    :class:`~evojax_merge.data.synthetic_text.CharTokenizer` tokenizers alike."""
+    if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
+    if hasattr(tokenizer, "convert_ids_to_tokens"):  # transformers
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text))
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode([int(i) for i in ids])
+
+
+def token_strings(tokenizer, vocab_size: int) -> list[str]:
+    """Surface text of every token id, leading space kept (byte-level 'Ġ' and SentencePiece '▁')."""
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        raw = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    else:
+        raw = [tokenizer.id_to_token(i) for i in range(vocab_size)]
+    return [(t or "").replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n") for t in raw]
+
+
+def chatml(user: str, system: str | None = None) -> str:
+    """A ChatML prompt (SmolLM2-Instruct, Qwen) asking ``user`` and opening the assistant's turn."""
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
+    width = width or max(map(len, rows))
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        if len(r) > width:
+            raise DataError(f"a prompt of {len(r)} tokens exceeds the batch width {width}")
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------ parse numbers
+def last_number(text: str) -> float | None:
+    """The last integer in ``text`` (host-side reference of :func:`last_number_in_tokens`)."""
+    found = re.findall(r"-?\d+", text)
+    return float(found[-1]) if found else None
+
+
+def number_table(tokenizer, vocab_size: int) -> dict[str, np.ndarray]:
+    """Per-token facts (V,) the on-device number parser needs.
+
+    ``digits``: value of a token made of 1..6 digits (optionally after whitespace), else -1;
+    ``n_digits``: how many; ``space``: the token starts with whitespace (starts a new number);
+    ``minus``: the token ends with '-' (a number right after it is negative).
+    """
+    digits = np.full(vocab_size, -1, np.float32)
+    n_digits = np.zeros(vocab_size, np.float32)
+    space = np.zeros(vocab_size, bool)
+    minus = np.zeros(vocab_size, bool)
+    for i, s in enumerate(token_strings(tokenizer, vocab_size)):
+        core = s.lstrip()
+        if core.isdigit() and core.isascii() and len(core) <= 6:
+            digits[i], n_digits[i] = float(core), len(core)
+        space[i] = s[:1].isspace()
+        minus[i] = s.endswith("-")
+    return {"digits": digits, "n_digits": n_digits, "space": space, "minus": minus}
+
+
+def last_number_in_tokens(tokens: jax.Array, table: dict) -> tuple[jax.Array, jax.Array]:
+    """(value, found) of the last integer spelled by ``tokens`` (..., M); vectorised, jit-able.
+
+    A number is a run of digit tokens not broken by a token starting with whitespace; a '-' right
+    before it makes it negative. Values are float32 (exact up to 2**24, plenty for these tasks).
+    """
+    digits = jnp.asarray(table["digits"])[tokens]
+    n_digits = jnp.asarray(table["n_digits"])[tokens]
+    space = jnp.asarray(table["space"])[tokens]
+    minus = jnp.asarray(table["minus"])[tokens]
+
+    def step(carry, tok):
+        cur, in_num, neg, prev_minus, last, found = carry
+        d, n, sp, mi = tok
+        is_digit = d >= 0
+        fresh = ~in_num | sp
+        cur_new = jnp.where(fresh, d, cur * 10.0 ** n + d)
+        neg_new = jnp.where(fresh, prev_minus & ~sp, neg)
+        ends = in_num & ~is_digit
+        last = jnp.where(ends, jnp.where(neg, -cur, cur), last)
+        found = found | ends
+        cur = jnp.where(is_digit, cur_new, cur)
+        neg = jnp.where(is_digit, neg_new, neg)
+        return (cur, is_digit, neg, mi, last, found), None
+
+    z = jnp.zeros(tokens.shape[:-1], jnp.float32)
+    f = jnp.zeros(tokens.shape[:-1], bool)
+    xs = tuple(jnp.moveaxis(a, -1, 0) for a in (digits, n_digits, space, minus))
+    (cur, in_num, neg, _, last, found), _ = jax.lax.scan(step, (z, f, f, f, z, f), xs)
+    last = jnp.where(in_num, jnp.where(neg, -cur, cur), last)
+    return last, found | in_num
+
+
+# --------------------------------------------------------------------------- generation-based tasks
+def generation_batch(tokenizer, examples: Sequence[TextExample], pad_id: int,
+                     prompt_format: Callable[[str], str] = lambda p: p, width: int | None = None,
+                     answer_width: int | None = None) -> Batch:
+    """Left-padded prompts plus the reference answer as a number and as tokens.
+
+    Keys: ``input_ids``/``attention_mask`` (N, T); ``answer`` (N,) float32 (NaN when the answer has no
+    number); ``answer_ids`` (N, A) int32, -1 past the answer's end (for :func:`prefix_match_scores`).
+    """
+    prompts = [prompt_format(e.prompt) for e in examples]
+    ids, mask = _left_pad([encode(tokenizer, p) for p in prompts], pad_id, width)
+    answers = np.array([np.nan if last_number(e.answer) is None else last_number(e.answer)
+                        for e in examples], np.float32)
+    ans_tokens = []
+    for p, e in zip(prompts, examples):
+        # Tokenise the answer in context: a byte-level BPE may merge across the boundary.
+        full, head = encode(tokenizer, p + e.answer), encode(tokenizer, p)
+        ans_tokens.append(full[len(head):] if full[:len(head)] == head else encode(tokenizer, e.answer))
+    a_w = answer_width or max(map(len, ans_tokens))
+    answer_ids = np.full((len(examples), a_w), -1, np.int32)
+    for i, a in enumerate(ans_tokens):
+        answer_ids[i, :min(len(a), a_w)] = a[:a_w]
+    return {"input_ids": ids, "attention_mask": mask, "answer": answers, "answer_ids": answer_ids}
+
+
+def exact_match_scores(params, batch: Batch, *, config: llama.LlamaConfig, table: dict,
+                       max_new_tokens: int, pad_token_id: int, scan_layers: bool = False) -> jax.Array:
+    """1.0 where the last number of the greedy generation equals ``batch["answer"]``, else 0.0 (N,)."""
+    out = llama.generate(params, batch["input_ids"], batch["attention_mask"], config=config,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
+    value, found = last_number_in_tokens(out, table)
+    return (found & (value == batch["answer"])).astype(jnp.float32)
+
+
+def prefix_match_scores(params, batch: Batch, *, config: llama.LlamaConfig, max_new_tokens: int,
+                        pad_token_id: int, scan_layers: bool = False) -> jax.Array:
+    """1.0 where the greedy generation starts with the answer's tokens ``batch["answer_ids"]`` (N,)."""
+    out = llama.generate(params, batch["input_ids"], batch["attention_mask"], config=config,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
+    ans = jnp.asarray(batch["answer_ids"])
+    if ans.shape[1] > out.shape[1]:  # an answer longer than the generation cannot match
+        out = jnp.pad(out, ((0, 0), (0, ans.shape[1] - out.shape[1])), constant_values=-2)
+    same = (out[:, :ans.shape[1]] == ans) | (ans < 0)
+    return jnp.all(same, axis=1).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- likelihood-based tasks
+def loglik_batch(tokenizer, prompts: Sequence[str], continuations: Sequence[str], pad_id: int,
+                 width: int | None = None) -> Batch:
+    """Left-padded prompt+continuation rows; ``target_mask`` (N, T-1) marks the continuation tokens
+    among the predicted positions 1..T-1."""
+    rows, n_cont = [], []
+    for p, c in zip(prompts, continuations):
+        head, full = encode(tokenizer, p), encode(tokenizer, p + c)
+        if full[:len(head)] != head or len(full) == len(head):
+            full = head + encode(tokenizer, c)  # the boundary merged: score the continuation alone
+        rows.append(full)
+        n_cont.append(len(full) - len(head))
+    ids, mask = _left_pad(rows, pad_id, width)
+    T = ids.shape[1]
+    target = np.zeros((len(rows), T - 1), np.int32)
+    for i, n in enumerate(n_cont):
+        target[i, T - 1 - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "target_mask": target}
+
+
+def loglik_scores(params, batch: Batch, *, config: llama.LlamaConfig, mean: bool = False) -> jax.Array:
+    """Log-likelihood (N,) of each row's continuation: the sum over its tokens, or the mean if ``mean``."""
+    lp = llama.token_log_probs(params, batch["input_ids"], batch["attention_mask"], config=config)
+    target = jnp.asarray(batch["target_mask"], lp.dtype)
+    total = jnp.sum(lp * target, axis=-1)
+    return total / jnp.maximum(target.sum(-1), 1.0) if mean else total
+
+
+def choice_batch(tokenizer, examples: Sequence[TextExample], pad_id: int,
+                 prompt_format: Callable[[str], str] = lambda p: p, n_choices: int | None = None) -> Batch:
+    """Every (example, choice) pair as one likelihood row; the answer is choice 0.
+
+    Keys as :func:`loglik_batch`, shaped (N, C, ...) with C = ``n_choices`` (default: the fewest any
+    example has).
+    """
+    n = n_choices or min(len(e.choices) for e in examples)
+    if n < 2 or any(len(e.choices) < n for e in examples):
+        raise DataError(f"multiple choice needs at least {max(n, 2)} choices for every example")
+    prompts = [prompt_format(e.prompt) for e in examples for _ in range(n)]
+    conts = [c for e in examples for c in e.choices[:n]]
+    flat = loglik_batch(tokenizer, prompts, conts, pad_id)
+    return {k: v.reshape(len(examples), n, *v.shape[1:]) for k, v in flat.items()}
+
+
+def choice_scores(params, batch: Batch, *, config: llama.LlamaConfig, mean: bool = True) -> jax.Array:
+    """1.0 where the answer (choice 0) has the strictly highest log-likelihood of its choices (N,).
+
+    ``mean`` compares per-token averages, so longer choices are not penalised for their length.
+    """
+    N, C = batch["input_ids"].shape[:2]
+    flat = {k: jnp.reshape(v, (N * C, *v.shape[2:])) for k, v in batch.items()}
+    ll = loglik_scores(params, flat, config=config, mean=mean).reshape(N, C)
+    return (ll[:, 0] > jnp.max(ll[:, 1:], axis=1)).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def make_scorer(kind: str, config: llama.LlamaConfig, tokenizer=None, *, max_new_tokens: int = 16,
+                pad_token_id: int = 0, scan_layers: bool = False) -> Callable:
+    """A jit-compiled ``scores(params, batch) -> (N,)`` of one kind: "exact_match", "prefix_match",
+    "loglik" or "choice". Vmap it over a population: ``jax.vmap(scorer, in_axes=(0, None))``.
+    ``scan_layers`` (generation kinds): compile faster, decode slower (see ``llama.generate``)."""
+    if kind == "exact_match":
+        if tokenizer is None:
+            raise DataError("exact_match needs the tokenizer (to find the digit tokens)")
+        fn = partial(exact_match_scores, config=config, table=number_table(tokenizer, config.vocab_size),
+                     max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
+    elif kind == "prefix_match":
+        fn = partial(prefix_match_scores, config=config, max_new_tokens=max_new_tokens,
+                     pad_token_id=pad_token_id, scan_layers=scan_layers)
+    elif kind == "loglik":
+        fn = partial(loglik_scores, config=config)
+    elif kind == "choice":
+        fn = partial(choice_scores, config=config)
+    else:
+        raise DataError(f"unknown LM task kind {kind!r}; known: exact_match, prefix_match, loglik, choice")
+    return jax.jit(fn)
