@@ -3,6 +3,7 @@
     evojax-merge run CONFIG.yaml [--out RUN_DIR] [--set section.key=value ...]
     evojax-merge run --resume RUN_DIR
     evojax-merge plot RUN_DIR [RUN_DIR ...] --out FIGURE.png
+    evojax-merge merge RECIPE.yaml --out DIR         (Hugging Face checkpoints, mergekit recipes)
 
 Errors caused by the input (bad config, missing data, unusable checkpoint) print one line naming the
 problem and exit with status 2; an interrupted run (Ctrl-C) saves a checkpoint and exits with 130.
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("--out", required=True, help="PNG file to write")
     plot.add_argument("--title", default="")
+
+    from evojax_merge.merge.cli import add_merge_subparser
+
+    add_merge_subparser(commands)
     return parser
 
 
@@ -46,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, parser)
         if args.command == "plot":
             return _plot(args)
+        if args.command == "merge":
+            from evojax_merge.merge.cli import run_merge
+
+            return run_merge(args)
     except EvojaxMergeError as e:
         print(f"evojax-merge: error: {e}", file=sys.stderr)
         return 2

@@ -64,3 +64,9 @@ def test_bad_config_exits_2_with_a_message(tmp_path):
 
     usage = cli("run")
     assert usage.returncode == 2
+
+
+def test_merge_is_a_subcommand(tmp_path):
+    missing = cli("merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"))
+    assert missing.returncode == 2 and "recipe.yaml" in missing.stderr
+    assert not (tmp_path / "out").exists()

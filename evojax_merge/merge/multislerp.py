@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-# |cos| above this: the tensors are (anti)parallel and the spherical weights are ill-conditioned.
+from evojax_merge.merge.slerp import slerp_angle, slerp_weights
+
+# |cos| above this: the tensors are (anti)parallel and the spherical weights are ill-conditioned
+# (mergekit's threshold; M2N2's crossover uses a tighter one, see slerp.PARALLEL_EPS).
 COLINEAR_DOT = 0.9995
+COLINEAR_SIN = float(np.sqrt(1.0 - COLINEAR_DOT**2))
 
 
 def slerp_pair(t, v0: jax.Array, v1: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -30,15 +35,9 @@ def slerp_pair(t, v0: jax.Array, v1: jax.Array, eps: float = 1e-8) -> jax.Array:
       ``sin((1-t) theta)/sin(theta) v0 + sin(t theta)/sin(theta) v1`` with theta the angle between the
       flattened tensors, or ``(1-t) v0 + t v1`` when they are colinear.
     """
+    del eps  # the angle of zero tensors is 0: they interpolate linearly
     t = jnp.asarray(t, jnp.float32)
-    u0 = v0 / jnp.maximum(jnp.linalg.norm(v0.ravel()), eps)
-    u1 = v1 / jnp.maximum(jnp.linalg.norm(v1.ravel()), eps)
-    dot = jnp.clip(jnp.sum(u0 * u1), -1.0, 1.0)
-    colinear = jnp.abs(dot) > COLINEAR_DOT
-    theta = jnp.arccos(dot)
-    sin_theta = jnp.where(colinear, 1.0, jnp.sin(theta))
-    s0 = jnp.where(colinear, 1.0 - t, jnp.sin((1.0 - t) * theta) / sin_theta)
-    s1 = jnp.where(colinear, t, jnp.sin(t * theta) / sin_theta)
+    s0, s1 = slerp_weights(t, slerp_angle(v0, v1), min_sin=COLINEAR_SIN)
     return s0 * v0 + s1 * v1
 
 

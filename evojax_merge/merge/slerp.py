@@ -26,10 +26,13 @@ def slerp_angle(a, b) -> jax.Array:
     return jnp.arccos(cos_omega)
 
 
-def slerp_weights(t: jax.Array, omega: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(c_a, c_b) with slerp = c_a * a + c_b * b for vectors at angle ``omega``; t = 0 gives a, t = 1 gives b."""
+def slerp_weights(t: jax.Array, omega: jax.Array, min_sin: float = PARALLEL_EPS) -> tuple[jax.Array, jax.Array]:
+    """(c_a, c_b) with slerp = c_a * a + c_b * b for vectors at angle ``omega``; t = 0 gives a, t = 1 gives b.
+
+    Where sin(omega) <= ``min_sin`` the vectors count as (anti-)parallel and the weights are linear.
+    """
     sin_omega = jnp.sin(omega)
-    spherical = sin_omega > PARALLEL_EPS
+    spherical = sin_omega > min_sin
     safe_sin = jnp.where(spherical, sin_omega, 1.0)
     c_a = jnp.where(spherical, jnp.sin((1.0 - t) * omega) / safe_sin, 1.0 - t)
     c_b = jnp.where(spherical, jnp.sin(t * omega) / safe_sin, t)
