@@ -17,7 +17,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    pytest.importorskip("torch")
     model = make_hf_model("llama_gqa")
     folder = tmp_path_factory.mktemp("hf")
     model.save_pretrained(folder)
@@ -85,7 +84,6 @@ def test_missing_tensor_and_shape_mismatch(hf_folder, tmp_path):
 
 
 def test_gguf_bad_input(tmp_path):
-    pytest.importorskip("gguf")
     from evojax_merge.models import gguf_io
 
     with pytest.raises(DataError, match="GGUF file not found"):
