@@ -4,7 +4,8 @@
 
 Prints the M2N2 loop's throughput next to the throughput of the bare evaluation (the same vmapped MLP
 scoring in a scan, without breeding or archive updates), the FLOP/s both reach (one forward pass of the
-64-256-10 MLP on 1,437 images is ~54 MFLOP) and, as the last line, ``forward_passes_per_s: <number>``.
+64-256-10 MLP on 1,437 images is ~54 MFLOP), the fraction of a large matmul's FLOP/s that is, and,
+as the last line, ``forward_passes_per_s: <number>``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def main():
     eval_seconds = best_time(lambda: evaluate_only(models), args.repeats)
     eval_rate = args.seeds * args.steps / eval_seconds
 
+    # The machine's practical peak: a large float32 matrix product.
+    big = jnp.ones((2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(matmul(big))
+    peak = 2 * 2048**3 / best_time(lambda: matmul(big), 5 * args.repeats)
+
     sizes = [data.num_features, *config.model.hidden_sizes, data.num_classes]
     flops = flops_per_forward_pass(len(data.train.y), sizes)
     print(f"devices: {jax.devices()}")
@@ -82,6 +89,7 @@ def main():
     print(f"bare evaluation loop: {eval_rate:8.0f} forward passes/s  ({eval_rate * flops / 1e9:.1f} GFLOP/s)")
     print(f"M2N2 loop:            {loop_rate:8.0f} forward passes/s  ({loop_rate * flops / 1e9:.1f} GFLOP/s), "
           f"{100 * loop_rate / eval_rate:.0f}% of the bare evaluation")
+    print(f"large matmul peak: {peak / 1e9:.1f} GFLOP/s; the M2N2 loop reaches {100 * loop_rate * flops / peak:.0f}% of it")
     print(f"10 seeds x 50k passes would take {10 * 50_000 / loop_rate / 60:.1f} min")
     print(f"forward_passes_per_s: {loop_rate:.1f}")
 
