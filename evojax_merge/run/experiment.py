@@ -96,7 +96,13 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
     if resume:
         like = {"runs": runs, "history": history, "log_index": np.int32(0)}
-        _, restored = checkpoints.restore(like)
+        try:
+            _, restored = checkpoints.restore(like)
+        except CheckpointError:
+            # Close orbax's background threads before the error reaches the CLI, or they print
+            # tracebacks of their own at interpreter exit.
+            checkpoints.close()
+            raise
         runs, history, log_index = restored["runs"], restored["history"], int(restored["log_index"])
         history = {k: np.asarray(v) for k, v in history.items()}
     else:
