@@ -73,7 +73,7 @@ class RunCheckpoints:
         if step is None:
             raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
         self.verify(step)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+        abstract = jax.tree.map(_abstract, like)
         try:
             restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax raises many kinds for missing, truncated or mismatched files
@@ -113,3 +113,9 @@ def _file_hashes(folder: pathlib.Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
+
+
+def _abstract(x):
+    # jax arrays keep their sharding, so a run laid over a mesh is restored straight onto it.
+    sharding = x.sharding if isinstance(x, jax.Array) else None
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)

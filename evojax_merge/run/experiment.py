@@ -29,6 +29,7 @@ from evojax_merge.models.mlp import MLP
 from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.evolve import Evolution, log_schedule
 from evojax_merge.run.files import write_atomic, write_csv, write_json
+from evojax_merge.run.sharding import check_divisible, place, run_shardings, runs_mesh
 from evojax_merge.run.plot import mean_and_standard_error, plot_curves
 from evojax_merge.strategies.m2n2 import M2N2, Params
 from evojax_merge.tasks.classification import classification_scores
@@ -86,9 +87,13 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     num_logs = len(schedule) + 1
     checkpoint_period = config.run.checkpoint_every // config.run.log_every
 
-    init = evolution.compile_init()
-    chunks = {n: evolution.compile_chunk(n) for n in set(schedule)}
-    seed_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    mesh = runs_mesh(config.run.devices)
+    check_divisible(len(seeds), config.run.devices)
+    runs_sharding, data_sharding = run_shardings(mesh)
+    train, test = place((train, test), data_sharding)
+    init = evolution.compile_init(mesh)
+    chunks = {n: evolution.compile_chunk(n, mesh) for n in set(schedule)}
+    seed_keys = place(jnp.stack([jax.random.PRNGKey(s) for s in seeds]), runs_sharding)
     runs, report = init(seed_keys, train, test)
     history = {k: np.zeros((num_logs, len(seeds)), np.asarray(v).dtype) for k, v in report.items()}
     log_index = 0
@@ -104,6 +109,7 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
             checkpoints.close()
             raise
         runs, history, log_index = restored["runs"], restored["history"], int(restored["log_index"])
+        runs = place(runs, runs_sharding)  # restored arrays land on the default device
         history = {k: np.asarray(v) for k, v in history.items()}
     else:
         for k, v in report.items():
