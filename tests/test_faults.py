@@ -137,3 +137,14 @@ def test_corrupt_checkpoint_is_an_error_not_a_restart(tmp_path, straight, damage
     assert resumed.returncode == 2, resumed.stderr
     assert "checkpoint" in resumed.stderr and str(latest) in resumed.stderr and "Traceback" not in resumed.stderr
     assert final_results(out) == before  # nothing was overwritten by a silent restart
+
+
+def test_checkpoint_of_a_different_model_is_an_error(tmp_path, straight):
+    out = tmp_path / "mismatched"
+    shutil.copytree(straight, out)
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("- 16", "- 8"))  # the same run dir, now a narrower MLP
+    assert "- 8" in config.read_text()
+    resumed = cli("run", "--resume", str(out), "--no-progress")
+    assert resumed.returncode == 2, resumed.stderr
+    assert "checkpoint" in resumed.stderr and "Traceback" not in resumed.stderr

@@ -107,8 +107,9 @@ def _jit_over_runs(fn, mesh):
     from evojax_merge.run.sharding import run_shardings
 
     runs, data = run_shardings(mesh)
-    # Shardings are pytree prefixes: one per argument / output covers every leaf under it.
-    return jax.jit(fn, in_shardings=(runs, data, data), out_shardings=(runs, runs))
+    # Shardings are pytree prefixes: one per argument / output covers every leaf under it. The report is
+    # tiny and replicated, so every process (of a multi-host job) can read all of it.
+    return jax.jit(fn, in_shardings=(runs, data, data), out_shardings=(runs, data))
 
 
 def log_schedule(forward_passes: int, num_seed_models: int, children_per_step: int, log_every: int) -> list[int]:
