@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--distributed", action="store_true",
+        help="join a multi-process JAX job first (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID "
+             "or auto-detection); needs --out (or --resume) so that all processes share one run directory",
+    )
 
     plot = commands.add_parser("plot", help="plot the test accuracy of one or more runs in one figure")
     plot.add_argument("run_dirs", nargs="+")
@@ -64,7 +69,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, parser) -> int:
     from evojax_merge.config import load_config
     from evojax_merge.run.experiment import new_run_dir, resume_experiment, run_experiment
+    from evojax_merge.run.sharding import is_writer
 
+    if args.distributed:
+        from evojax_merge.run.sharding import initialize_distributed
+
+        if not (args.out or args.resume):
+            parser.error("--distributed needs --out RUN_DIR (a timestamped default would differ between processes)")
+        initialize_distributed()
     if args.resume:
         if args.config or args.set or args.out:
             parser.error("--resume takes only the run directory: its config.yaml defines the run")
@@ -75,12 +87,13 @@ def _run(args, parser) -> int:
             parser.error("run needs a CONFIG.yaml (or --resume RUN_DIR)")
         config = load_config(args.config, args.set)
         run_dir = new_run_dir(config, args.out)
-        print(f"run directory: {run_dir}", file=sys.stderr)
+        if is_writer():
+            print(f"run directory: {run_dir}", file=sys.stderr)
         try:
             summary = run_experiment(config, run_dir, progress=not args.no_progress)
         except EvojaxMergeError:
             # Failed before computing anything (e.g. the dataset is missing): leave no empty run behind.
-            if not (run_dir / "metrics.csv").exists():
+            if is_writer() and not (run_dir / "metrics.csv").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
     mean, se = summary["final_test_accuracy_mean"], summary["final_test_accuracy_standard_error"]

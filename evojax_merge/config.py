@@ -67,9 +67,19 @@ class RunConfig:
     log_every: int = 500  # forward passes between logged points (test accuracy of the best model)
     checkpoint_every: int = 5_000  # forward passes between checkpoints
     out_dir: str = "runs"
+    # Split the seeds over this many devices (a 1-D mesh, data replicated); null = one device, no mesh.
+    # The number of seeds must be a multiple of it (checked, not padded).
+    devices: int | None = None
 
     def validate(self, strategy: StrategyConfig):
         _check(len(self.seeds) >= 1, "run.seeds", "must list at least one seed")
+        if self.devices is not None:
+            _check(self.devices >= 1, "run.devices", "must be >= 1 (or null for the default device)")
+            _check(
+                len(self.seeds) % self.devices == 0,
+                "run.seeds",
+                f"must list a multiple of run.devices ({self.devices}) seeds, got {len(self.seeds)}",
+            )
         _check(len(set(self.seeds)) == len(self.seeds), "run.seeds", "must not repeat a seed")
         _check(
             self.forward_passes > strategy.num_seed_models,

@@ -1,6 +1,9 @@
 """Speed benchmark: M2N2 on digits, independent runs vmapped, in forward passes per second over all runs.
 
-    python scripts/bench_digits.py [--seeds 10] [--steps 2000] [--repeats 3]
+    python scripts/bench_digits.py [--seeds 10] [--steps 2000] [--repeats 3] [--devices N]
+
+``--devices N`` lays the seeds over a mesh of N devices as ``run.devices`` does (on a CPU, fake them with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N``; the seeds must be a multiple of N).
 
 Prints the M2N2 loop's throughput next to the throughput of the bare evaluation (the same vmapped MLP
 scoring in a scan, without breeding or archive updates), the FLOP/s both reach (one forward pass of the
@@ -20,6 +23,7 @@ import numpy as np
 from evojax_merge.config import load_config
 from evojax_merge.data import load_digits
 from evojax_merge.run.experiment import build_evolution
+from evojax_merge.run.sharding import check_divisible, place, run_shardings, runs_mesh
 
 
 def flops_per_forward_pass(num_points: int, sizes: list[int]) -> float:
@@ -43,16 +47,21 @@ def main():
     parser.add_argument("--steps", type=int, default=2000, help="generations per timed call")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--children-per-step", type=int, default=1)
+    parser.add_argument("--devices", type=int, default=None, help="split the seeds over this many devices")
     args = parser.parse_args()
+    check_divisible(args.seeds, args.devices)
+    mesh = runs_mesh(args.devices)
+    runs_sharding, data_sharding = run_shardings(mesh)
 
     config = load_config(args.config, [f"strategy.children_per_step={args.children_per_step}"])
     data = load_digits()
     train = (jnp.asarray(data.train.x), jnp.asarray(data.train.y))
     test = (jnp.asarray(data.test.x), jnp.asarray(data.test.y))
+    train, test = place((train, test), data_sharding)
     evolution = build_evolution(config, data.num_features, data.num_classes)
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in range(args.seeds)])
-    runs, _ = evolution.compile_init()(keys, train, test)
-    chunk = evolution.compile_chunk(args.steps)
+    keys = place(jnp.stack([jax.random.PRNGKey(s) for s in range(args.seeds)]), runs_sharding)
+    runs, _ = evolution.compile_init(mesh)(keys, train, test)
+    chunk = evolution.compile_chunk(args.steps, mesh)
     jax.block_until_ready(chunk(runs, train, test))  # compile
     loop_seconds = best_time(lambda: chunk(runs, train, test), args.repeats)
     passes = args.seeds * args.steps * config.strategy.children_per_step
@@ -82,7 +91,7 @@ def main():
 
     sizes = [data.num_features, *config.model.hidden_sizes, data.num_classes]
     flops = flops_per_forward_pass(len(data.train.y), sizes)
-    print(f"devices: {jax.devices()}")
+    print(f"devices: {jax.devices()}, seeds split over: {args.devices or 'one device (no mesh)'}")
     print(f"runs vmapped: {args.seeds}, generations timed: {args.steps}, children per generation: "
           f"{config.strategy.children_per_step}, best of {args.repeats}")
     print(f"one forward pass: {flops / 1e6:.1f} MFLOP ({len(data.train.y)} images, MLP {sizes})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 
 import jax
@@ -9,6 +11,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from evojax_merge.errors import CheckpointError
+from evojax_merge.run.files import write_json
+
+# Written into a step folder after orbax has committed it: the SHA-256 of every file, so that damaged
+# bytes are found before orbax reads them (orbax does not checksum raw array chunks).
+MANIFEST = "evojax_merge_manifest.json"
 
 
 class RunCheckpoints:
@@ -30,19 +37,49 @@ class RunCheckpoints:
     def save(self, step: int, tree):
         self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            write_json(self.directory / str(step) / MANIFEST, _file_hashes(self.directory / str(step)))
+
+    def resumable_step(self) -> int | None:
+        """The latest step whose manifest was written, i.e. whose save finished.
+
+        A kill between orbax's commit and the manifest leaves a newest step without one: that save never
+        finished, so the one before is used. Checkpoints from before manifests existed have none at all.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        with_manifest = [s for s in steps if (self.directory / str(s) / MANIFEST).is_file()]
+        return with_manifest[0] if with_manifest else (steps[0] if steps else None)
+
+    def verify(self, step: int):
+        """Raise CheckpointError if a file of ``step`` is missing or differs from its manifest."""
+        folder = self.directory / str(step)
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file():
+            return
+        try:
+            expected = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: unreadable {MANIFEST} ({e})") from e
+        actual = _file_hashes(folder)
+        for name, digest in expected.items():
+            if name not in actual:
+                raise CheckpointError(f"checkpoint {folder} is corrupt: file {name} is missing")
+            if actual[name] != digest:
+                raise CheckpointError(f"checkpoint {folder} is corrupt: file {name} does not match its checksum")
 
     def restore(self, like):
-        """Restore the latest checkpoint into the structure, shapes and dtypes of ``like``."""
-        step = self.latest_step()
+        """Restore the latest finished checkpoint into the structure, shapes and dtypes of ``like``."""
+        step = self.resumable_step()
         if step is None:
             raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+        self.verify(step)
+        abstract = jax.tree.map(_abstract, like)
         try:
             restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax raises many kinds for missing, truncated or mismatched files
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored into this run "
-                f"(corrupt, or written by a different config): {e}"
+                f"(corrupt, or written by a different config): {_first_line(e)}"
             ) from e
         mismatched = [
             jax.tree_util.keystr(path)
@@ -62,3 +99,23 @@ def _zip_with_path(tree, like):
     likes = jax.tree.leaves(like)
     for (path, leaf), expected in zip(paths_and_leaves, likes):
         yield path, leaf, expected
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+    """orbax / tensorstore messages span many lines; the CLI prints one."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0][:limit]
+
+
+def _file_hashes(folder: pathlib.Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def _abstract(x):
+    # jax arrays keep their sharding, so a run laid over a mesh is restored straight onto it.
+    sharding = x.sharding if isinstance(x, jax.Array) else None
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)

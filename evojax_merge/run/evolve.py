@@ -78,23 +78,38 @@ class Evolution:
             "rejected_nonfinite": state.num_rejected_nonfinite,
         }
 
-    def compile_chunk(self, num_steps: int):
-        """A jitted ``(runs, train, test) -> (runs, report)`` advancing a batch of runs by ``num_steps``."""
+    def compile_chunk(self, num_steps: int, mesh=None):
+        """A jitted ``(runs, train, test) -> (runs, report)`` advancing a batch of runs by ``num_steps``.
+
+        With a ``mesh`` (see :mod:`evojax_merge.run.sharding`) the seed axis of runs and report is split
+        over its devices and the data replicated; without one, everything is on the default device.
+        """
 
         def chunk(run, train, test):
             run = self.advance(run, train, num_steps)
             return run, self.report(run, test)
 
-        return jax.jit(jax.vmap(chunk, in_axes=(0, None, None)))
+        return _jit_over_runs(jax.vmap(chunk, in_axes=(0, None, None)), mesh)
 
-    def compile_init(self):
-        """A jitted ``(seed_keys, train, test) -> (runs, report)`` for a batch of runs."""
+    def compile_init(self, mesh=None):
+        """A jitted ``(seed_keys, train, test) -> (runs, report)`` for a batch of runs (``mesh``: as above)."""
 
         def init(seed_key, train, test):
             run = self.init(seed_key, train)
             return run, self.report(run, test)
 
-        return jax.jit(jax.vmap(init, in_axes=(0, None, None)))
+        return _jit_over_runs(jax.vmap(init, in_axes=(0, None, None)), mesh)
+
+
+def _jit_over_runs(fn, mesh):
+    if mesh is None:
+        return jax.jit(fn)
+    from evojax_merge.run.sharding import run_shardings
+
+    runs, data = run_shardings(mesh)
+    # Shardings are pytree prefixes: one per argument / output covers every leaf under it. The report is
+    # tiny and replicated, so every process (of a multi-host job) can read all of it.
+    return jax.jit(fn, in_shardings=(runs, data, data), out_shardings=(runs, data))
 
 
 def log_schedule(forward_passes: int, num_seed_models: int, children_per_step: int, log_every: int) -> list[int]:

@@ -29,6 +29,7 @@ from evojax_merge.models.mlp import MLP
 from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.evolve import Evolution, log_schedule
 from evojax_merge.run.files import write_atomic, write_csv, write_json
+from evojax_merge.run.sharding import agree, check_divisible, is_writer, place, run_shardings, runs_mesh
 from evojax_merge.run.plot import mean_and_standard_error, plot_curves
 from evojax_merge.strategies.m2n2 import M2N2, Params
 from evojax_merge.tasks.classification import classification_scores
@@ -65,6 +66,8 @@ def new_run_dir(config: ExperimentConfig, out: str | None) -> pathlib.Path:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = pathlib.Path(config.run.out_dir) / f"{config.name}-{stamp}"
     run_dir = pathlib.Path(out)
+    if not is_writer():
+        return run_dir  # process 0 creates it; the others only share its checkpoints folder
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} exists and is not empty; use --resume {run_dir} to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,9 +89,13 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     num_logs = len(schedule) + 1
     checkpoint_period = config.run.checkpoint_every // config.run.log_every
 
-    init = evolution.compile_init()
-    chunks = {n: evolution.compile_chunk(n) for n in set(schedule)}
-    seed_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    mesh = runs_mesh(config.run.devices)
+    check_divisible(len(seeds), config.run.devices)
+    runs_sharding, data_sharding = run_shardings(mesh)
+    train, test = place((train, test), data_sharding)
+    init = evolution.compile_init(mesh)
+    chunks = {n: evolution.compile_chunk(n, mesh) for n in set(schedule)}
+    seed_keys = place(jnp.stack([jax.random.PRNGKey(s) for s in seeds]), runs_sharding)
     runs, report = init(seed_keys, train, test)
     history = {k: np.zeros((num_logs, len(seeds)), np.asarray(v).dtype) for k, v in report.items()}
     log_index = 0
@@ -96,8 +103,15 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
     if resume:
         like = {"runs": runs, "history": history, "log_index": np.int32(0)}
-        _, restored = checkpoints.restore(like)
+        try:
+            _, restored = checkpoints.restore(like)
+        except CheckpointError:
+            # Close orbax's background threads before the error reaches the CLI, or they print
+            # tracebacks of their own at interpreter exit.
+            checkpoints.close()
+            raise
         runs, history, log_index = restored["runs"], restored["history"], int(restored["log_index"])
+        runs = place(runs, runs_sharding)  # restored arrays land on the default device
         history = {k: np.asarray(v) for k, v in history.items()}
     else:
         for k, v in report.items():
@@ -117,10 +131,11 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
                 log_index += 1
                 for k, v in report.items():
                     history[k][log_index] = np.asarray(v)
-                _write_metrics(run_dir, seeds, history, log_index)
+                if is_writer():
+                    _write_metrics(run_dir, seeds, history, log_index)
                 bar.update(int(history["forward_passes"][log_index][0] - history["forward_passes"][log_index - 1][0]))
                 bar.set_postfix(test_acc=f"{100 * history['test_accuracy'][log_index].mean():.2f}%")
-                if stop.requested:
+                if agree(stop.requested):
                     status = "interrupted"
                     save_checkpoint()
                     break
@@ -132,6 +147,8 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     elapsed = time.perf_counter() - started
     passes_done = int(history["forward_passes"][log_index].sum()) - passes_at_start
     summary = _summary(config, seeds, history, log_index, status, elapsed, passes_done)
+    if not is_writer():
+        return summary
     _write_metrics(run_dir, seeds, history, log_index)
     write_json(run_dir / "summary.json", summary)
     plot_curves(
