@@ -1,9 +1,12 @@
 """Speed benchmark: M2N2 on digits, independent runs vmapped, in forward passes per second over all runs.
 
-    python scripts/bench_digits.py [--seeds 10] [--steps 2000] [--repeats 3] [--devices N]
+    python scripts/bench_digits.py [--seeds 10] [--steps 2000] [--repeats 3] [--devices N | --devices 0]
 
-``--devices N`` lays the seeds over a mesh of N devices as ``run.devices`` does (on a CPU, fake them with
-``XLA_FLAGS=--xla_force_host_platform_device_count=N``; the seeds must be a multiple of N).
+``--devices N`` lays the seeds over a mesh of N devices as ``run.devices`` does (the seeds must be a
+multiple of N). The default on a CPU is one XLA host device per seed (this script sets
+``--xla_force_host_platform_device_count`` before JAX starts): the small per-generation operations of
+the runs then execute on all cores in parallel, which is how ``scripts/digits.sh`` runs the experiment.
+``--devices 0`` times the plain single-device program.
 
 Prints the M2N2 loop's throughput next to the throughput of the bare evaluation (the same vmapped MLP
 scoring in a scan, without breeding or archive updates), the FLOP/s both reach (one forward pass of the
@@ -14,7 +17,13 @@ as the last line, ``forward_passes_per_s: <number>``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+
+if __name__ == "__main__":  # the host device count must be set before JAX starts
+    _seeds = int(sys.argv[sys.argv.index("--seeds") + 1]) if "--seeds" in sys.argv else 10
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_seeds}"
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +56,12 @@ def main():
     parser.add_argument("--steps", type=int, default=2000, help="generations per timed call")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--children-per-step", type=int, default=1)
-    parser.add_argument("--devices", type=int, default=None, help="split the seeds over this many devices")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="split the seeds over this many devices (default on a CPU: one per seed; 0: no mesh)")
     args = parser.parse_args()
+    if args.devices is None and jax.default_backend() == "cpu":
+        args.devices = args.seeds
+    args.devices = args.devices or None
     check_divisible(args.seeds, args.devices)
     mesh = runs_mesh(args.devices)
     runs_sharding, data_sharding = run_shardings(mesh)
