@@ -16,6 +16,7 @@ from evojax_merge.run.files import write_json
 # Written into a step folder after orbax has committed it: the SHA-256 of every file, so that damaged
 # bytes are found before orbax reads them (orbax does not checksum raw array chunks).
 MANIFEST = "evojax_merge_manifest.json"
+LAYOUT = "evojax_merge_layout.json"  # path -> [shape, dtype] of every leaf, checked before orbax reads
 
 
 class RunCheckpoints:
@@ -38,6 +39,7 @@ class RunCheckpoints:
         self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
         self._manager.wait_until_finished()
         if jax.process_index() == 0:
+            write_json(self.directory / str(step) / LAYOUT, _layout(tree))
             write_json(self.directory / str(step) / MANIFEST, _file_hashes(self.directory / str(step)))
 
     def resumable_step(self) -> int | None:
@@ -73,6 +75,17 @@ class RunCheckpoints:
         if step is None:
             raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
         self.verify(step)
+        layout_path = self.directory / str(step) / LAYOUT
+        if layout_path.is_file():
+            # Compare shapes before orbax reads anything: orbax's own mismatch errors leave its background
+            # threads printing tracebacks after the CLI has reported the problem.
+            saved, wanted = json.loads(layout_path.read_text()), _layout(like)
+            differ = [k for k in wanted if saved.get(k) != wanted[k]] + [k for k in saved if k not in wanted]
+            if differ:
+                raise CheckpointError(
+                    f"checkpoint {self.directory / str(step)} does not fit this run (written by a different "
+                    f"config?): {differ[0]} is {saved.get(differ[0])} there but {wanted.get(differ[0])} here"
+                )
         abstract = jax.tree.map(_abstract, like)
         try:
             restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -112,6 +125,13 @@ def _file_hashes(folder: pathlib.Path) -> dict[str, str]:
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
+    }
+
+
+def _layout(tree) -> dict[str, list]:
+    return {
+        jax.tree_util.keystr(path): [list(np.shape(x)), str(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)]
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
 
 
