@@ -65,17 +65,17 @@ class Evolution:
         return jax.lax.scan(lambda r, _: (self.step(r, train), None), run, length=num_steps)[0]
 
     def report(self, run: RunState, test: Batch) -> dict[str, jax.Array]:
-        """What is logged: the archive member with the best training score, and its test score."""
-        state = run.strategy_state
-        train_score = jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
-        best = jnp.argmax(train_score)
-        best_model = self.strategy.member(state, best)
+        """What is logged: the strategy's best model by training score, its test score, and its counters.
+
+        Every strategy provides ``best(state) -> (params, train score)`` and ``counters(state)`` (a dict
+        with ``archive_filled`` and ``rejected_nonfinite``), so the runner does not know archive layouts.
+        """
+        best_model, train_score = self.strategy.best(run.strategy_state)
         return {
             "forward_passes": run.forward_passes,
-            "train_accuracy": train_score[best],
+            "train_accuracy": train_score,
             "test_accuracy": self.score_fn(best_model, test).mean(),
-            "archive_filled": jnp.sum(state.filled),
-            "rejected_nonfinite": state.num_rejected_nonfinite,
+            **self.strategy.counters(run.strategy_state),
         }
 
     def compile_chunk(self, num_steps: int, mesh=None):

@@ -31,7 +31,7 @@ from evojax_merge.run.evolve import Evolution, log_schedule
 from evojax_merge.run.files import write_atomic, write_csv, write_json
 from evojax_merge.run.sharding import agree, check_divisible, is_writer, place, run_shardings, runs_mesh
 from evojax_merge.run.plot import mean_and_standard_error, plot_curves
-from evojax_merge.strategies.m2n2 import M2N2, Params
+from evojax_merge.strategies.registry import build_strategy
 from evojax_merge.tasks.classification import classification_scores
 
 METRIC_KEYS = ("forward_passes", "train_accuracy", "test_accuracy", "archive_filled", "rejected_nonfinite")
@@ -41,22 +41,13 @@ def build_evolution(config: ExperimentConfig, num_features: int, num_classes: in
     """The strategy, task and model a config describes."""
     model = MLP(tuple(config.model.hidden_sizes), num_classes, config.model.init_std)
     template = jax.eval_shape(lambda key: model.init_params(key, num_features), jax.random.PRNGKey(0))
-    s = config.strategy
-    strategy = M2N2(
-        archive_size=s.archive_size,
-        solution=template,
-        num_children=s.children_per_step,
-        crossover=s.crossover,
-        split_point=s.split_point,
-        matchmaker=s.matchmaker,
-        mutation=s.mutation_std > 0,
-    )
+    strategy, strategy_params = build_strategy(config.strategy, template)
     return Evolution(
         strategy=strategy,
-        strategy_params=Params(alpha=s.alpha, mutation_std=s.mutation_std),
+        strategy_params=strategy_params,
         score_fn=classification_scores(model.logits),
         init_model_fn=lambda key: model.init_params(key, num_features),
-        num_seed_models=s.num_seed_models,
+        num_seed_models=config.strategy.num_seed_models,
     )
 
 

@@ -97,6 +97,16 @@ class M2N2:
         """Parameter pytree of archive member ``index``."""
         return self._unravel(state.archive[index])
 
+    def best(self, state: State):
+        """(parameter pytree, mean training score) of the archive member with the best mean score."""
+        train_score = jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
+        index = jnp.argmax(train_score)
+        return self.member(state, index), train_score[index]
+
+    def counters(self, state: State) -> dict[str, jax.Array]:
+        """Run-level counts every strategy reports: occupied archive slots, children rejected for NaN/inf scores."""
+        return {"archive_filled": jnp.sum(state.filled), "rejected_nonfinite": state.num_rejected_nonfinite}
+
     @property
     def default_params(self) -> Params:
         return Params()
