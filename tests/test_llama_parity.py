@@ -59,6 +59,21 @@ def test_padded_batch(pair):
         np.testing.assert_allclose(ours[1, real], ref[1, real], atol=1e-4, rtol=0)
 
 
+def test_long_padded_sequence_attends_block_by_block(pair):
+    """Past llama.CAUSAL_BLOCK tokens queries attend block by block (the masked upper triangle skipped):
+    still transformers' logits, with left padding, and with Mistral's window inside and across blocks."""
+    name, model, config, params = pair
+    T = 2 * llama.CAUSAL_BLOCK + 44
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, config.vocab_size, (2, T))
+    mask = np.ones((2, T), np.int32)
+    mask[1, :37] = 0
+    ours = np.asarray(jax.jit(partial(llama.apply, config=config))(params, ids, mask))
+    ref = hf_logits(model, ids, mask, np.array(llama.positions_from_mask(mask)))
+    np.testing.assert_allclose(ours[0], ref[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours[1, 37:], ref[1, 37:], atol=1e-4, rtol=0)
+
+
 def test_greedy_generation_matches_transformers(pair):
     name, model, config, params = pair
     rng = np.random.default_rng(2)

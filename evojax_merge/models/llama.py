@@ -295,10 +295,27 @@ def attention(config: LlamaConfig, p: Params, x: jax.Array, cos: jax.Array, sin:
     # Query head h = g * R + r reads key/value head g (HF `repeat_kv` order); grouping the queries
     # instead of repeating the keys keeps the cache and the matmuls G-sized.
     q = q.reshape(B, T, G, R, K) * jnp.asarray(K ** -0.5, q.dtype)
+    if cache is None and T > CAUSAL_BLOCK:
+        # Without a cache query t sits at key slot t, so a block of queries never sees the keys after
+        # its last query: attending block by block to the keys up to there skips the masked upper
+        # triangle (nearly half the scores and exponentials at long sequences; 1x512 ran ~1.2x faster).
+        out = jnp.concatenate([
+            _attend(q[:, t0:t0 + CAUSAL_BLOCK], k[:, :t0 + CAUSAL_BLOCK], v[:, :t0 + CAUSAL_BLOCK],
+                    bias[..., t0:t0 + CAUSAL_BLOCK, :t0 + CAUSAL_BLOCK])
+            for t0 in range(0, T, CAUSAL_BLOCK)], axis=1)
+    else:
+        out = _attend(q, k, v, bias)
+    return jnp.einsum("bto,do->btd", out.reshape(B, T, H * K), p["o"]), cache
+
+
+CAUSAL_BLOCK = 128  # query block of the cache-free forward (see attention)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """softmax(q k^T + bias) v for grouped queries q (B, T, G, R, K) and keys/values (B, S, G, K)."""
     scores = jnp.einsum("btgrk,bsgk->bgrts", q, k).astype(jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v).reshape(B, T, H * K)
-    return jnp.einsum("bto,do->btd", out, p["o"]), cache
+    return jnp.einsum("bgrts,bsgk->btgrk", probs, v)
 
 
 # ------------------------------------------------------------------------------------------- MLP
