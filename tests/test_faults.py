@@ -4,17 +4,14 @@ Each test compares against one uninterrupted run of the same config (a module fi
 """
 
 import json
-import os
-import pathlib
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from cli_helpers import cli, final_results, finished_steps, wait_for_checkpoint
+from cli_helpers import start as start_cli
+
 # 30 logged points with a checkpoint at each: long enough that a kill lands mid-run, short enough to be cheap.
 SMALL = [
     "--set", "model.hidden_sizes=[16]",
@@ -25,54 +22,8 @@ SMALL = [
 ]
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "evojax_merge.cli", *args], capture_output=True, text=True, cwd=ROOT, env=_env(),
-        timeout=600,
-    )
-
-
 def start(out):
-    return subprocess.Popen(
-        [sys.executable, "-m", "evojax_merge.cli", "run", "experiments/digits/m2n2.yaml", "--out", str(out),
-         "--no-progress", *SMALL],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def finished_steps(run_dir):
-    """Checkpoint steps orbax has committed: a numeric folder (temporary ones carry a suffix) with its metadata."""
-    folder = pathlib.Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(
-        int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file()
-    )
-
-
-def wait_for_checkpoint(process, run_dir, at_least=1, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = finished_steps(run_dir)
-        if steps and steps[-1] >= at_least:
-            return steps[-1]
-        if process.poll() is not None:
-            pytest.fail(f"run ended before a checkpoint was written: {process.communicate()[1]}")
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail("no checkpoint within the timeout")
-
-
-def final_results(run_dir):
-    summary = json.loads((pathlib.Path(run_dir) / "summary.json").read_text())
-    # Speed and status of the last session are not part of the result.
-    for key in ["wall_seconds_this_session", "forward_passes_per_second_all_seeds"]:
-        summary.pop(key)
-    return (pathlib.Path(run_dir) / "metrics.csv").read_text(), summary
+    return start_cli("run", "experiments/digits/m2n2.yaml", "--out", str(out), "--no-progress", *SMALL)
 
 
 @pytest.fixture(scope="module")

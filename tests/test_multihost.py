@@ -5,56 +5,49 @@ multi-GPU machine or a TPU pod slice would; only process 0 writes the run direct
 """
 
 import json
-import os
-import pathlib
-import socket
-import subprocess
-import sys
+import signal
 
 import numpy as np
 
+from cli_helpers import cli, final_results, free_port, start, wait_for_checkpoint
 from evojax_merge.run.experiment import read_metrics
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 SMALL = [
     "--set", "model.hidden_sizes=[16]",
     "--set", "strategy.archive_size=6",
-    "--set", "run.forward_passes=302",
     "--set", "run.log_every=100",
     "--set", "run.checkpoint_every=100",
     "--set", "run.seeds=[1, 2]",
 ]
 
 
-def command(out, *extra):
-    return [sys.executable, "-m", "evojax_merge.cli", "run", "experiments/digits/m2n2.yaml", "--out", str(out),
-            "--no-progress", *SMALL, *extra]
+def run_args(out, forward_passes):
+    return ["run", "experiments/digits/m2n2.yaml", "--out", str(out), "--no-progress", *SMALL,
+            "--set", f"run.forward_passes={forward_passes}"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def start_two(*args):
+    """Both processes of a two-process job (coordinator on a free localhost port) running ``evojax-merge ARGS``."""
+    port = free_port()
+    return [
+        start(*args, "--distributed", **ONE_DEVICE, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+              JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        for i in range(2)
+    ]
+
+
+def finish(processes, expected_returncode=0):
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (_, err) in zip(processes, outputs):
+        assert p.returncode == expected_returncode, err[-3000:]
+    return outputs
 
 
 def test_two_processes_give_the_one_process_result(tmp_path):
-    base = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-                XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    one = subprocess.run(command(tmp_path / "one"), cwd=ROOT, env=base, capture_output=True, text=True, timeout=600)
+    one = cli(*run_args(tmp_path / "one", 302), **ONE_DEVICE)
     assert one.returncode == 0, one.stderr
-
-    port = free_port()
-    processes = [
-        subprocess.Popen(
-            command(tmp_path / "two", "--distributed", "--set", "run.devices=2"), cwd=ROOT,
-            env=dict(base, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    for p, (_, err) in zip(processes, outputs):
-        assert p.returncode == 0, err[-3000:]
+    outputs = finish(start_two(*run_args(tmp_path / "two", 302), "--set", "run.devices=2"))
 
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     for key in a:
@@ -66,3 +59,27 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     result_line = lambda text: [line for line in text.splitlines() if "test accuracy" in line]
     assert result_line(outputs[0][0]) == result_line(outputs[1][0]) != []
     assert "run directory" in outputs[0][1] and "run directory" not in outputs[1][1]
+
+
+def test_two_process_run_interrupted_then_resumed_by_two_processes_equals_one_process(tmp_path):
+    """Ctrl-C on process 0 stops both at the same logged point with one shared checkpoint; both resume it."""
+    one = cli(*run_args(tmp_path / "one", 3002), **ONE_DEVICE)
+    assert one.returncode == 0, one.stderr
+
+    out = tmp_path / "two"
+    processes = start_two(*run_args(out, 3002), "--set", "run.devices=2")
+    step = wait_for_checkpoint(processes[0], out, at_least=1)
+    processes[0].send_signal(signal.SIGINT)
+    finish(processes, expected_returncode=130)
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert step < 30, "the run finished before the interrupt: the test proves nothing"
+
+    finish(start_two("run", "--resume", str(out), "--no-progress"))
+    metrics, summary = final_results(out)
+    reference_metrics, reference_summary = final_results(tmp_path / "one")
+    assert summary["status"] == "complete"
+    np.testing.assert_allclose(summary["final_test_accuracy_per_seed"],
+                               reference_summary["final_test_accuracy_per_seed"], atol=1e-6)
+    a, b = read_metrics(tmp_path / "one"), read_metrics(out)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], atol=1e-6, err_msg=key)

@@ -97,7 +97,7 @@ class RunCheckpoints:
         mismatched = [
             jax.tree_util.keystr(path)
             for path, a, b in _zip_with_path(restored, abstract)
-            if np.shape(a) != b.shape or np.asarray(a).dtype != b.dtype
+            if np.shape(a) != b.shape or _dtype(a) != b.dtype
         ]
         if mismatched:
             raise CheckpointError(f"checkpoint {self.directory / str(step)} does not fit this run: {mismatched[:3]}")
@@ -130,9 +130,14 @@ def _file_hashes(folder: pathlib.Path) -> dict[str, str]:
 
 def _layout(tree) -> dict[str, list]:
     return {
-        jax.tree_util.keystr(path): [list(np.shape(x)), str(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)]
+        jax.tree_util.keystr(path): [list(np.shape(x)), str(_dtype(x))]
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
+
+
+def _dtype(x):
+    # Never np.asarray a jax.Array here: in a multi-process run it is not fully addressable by one process.
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def _abstract(x):

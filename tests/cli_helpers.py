@@ -1,0 +1,71 @@
+"""Shared by the subprocess tests (faults, multi-host): run the real CLI and watch its run directory."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def env(**extra):
+    return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
+
+
+def cli_command(*args):
+    return [sys.executable, "-m", "evojax_merge.cli", *args]
+
+
+def cli(*args, **extra_env):
+    """Run ``evojax-merge ARGS`` to completion; returns the CompletedProcess."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=ROOT, env=env(**extra_env),
+                          timeout=600)
+
+
+def start(*args, **extra_env):
+    """Start ``evojax-merge ARGS`` in the background; returns the Popen."""
+    return subprocess.Popen(cli_command(*args), cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def finished_steps(run_dir):
+    """Checkpoint steps orbax has committed: a numeric folder (temporary ones carry a suffix) with its metadata."""
+    folder = pathlib.Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file()
+    )
+
+
+def wait_for_checkpoint(process, run_dir, at_least=1, timeout=300):
+    """Block until a checkpoint of step >= ``at_least`` exists; fails the test if the run ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = finished_steps(run_dir)
+        if steps and steps[-1] >= at_least:
+            return steps[-1]
+        if process.poll() is not None:
+            pytest.fail(f"run ended before a checkpoint was written: {process.communicate()[1]}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail("no checkpoint within the timeout")
+
+
+def final_results(run_dir):
+    """(metrics.csv text, summary without the session's speed): what must not depend on interruptions."""
+    summary = json.loads((pathlib.Path(run_dir) / "summary.json").read_text())
+    for key in ["wall_seconds_this_session", "forward_passes_per_second_all_seeds"]:
+        summary.pop(key)
+    return (pathlib.Path(run_dir) / "metrics.csv").read_text(), summary
