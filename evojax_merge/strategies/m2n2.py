@@ -175,20 +175,11 @@ class M2N2:
             index_b = sample_proportional(u_b, appeal, state.filled)
         else:
             index_b = sample_proportional(u_b, fitness, state.filled)
-        parent_a = state.archive[index_a]
-        if self.crossover:
-            parent_b = state.archive[index_b]
-            u_split, mixing_ratio = u_split_and_ratio
-            if self.split_point:  # uniform over 0..num_dims (both ends included)
-                split = jnp.minimum(jnp.floor(u_split * (self.num_dims + 1)), self.num_dims).astype(jnp.int32)
-            else:
-                split = jnp.int32(self.num_dims)
-            child = split_point_crossover(split, mixing_ratio, parent_a, parent_b)
-        else:
-            child = parent_a
-        if self.mutation:
-            child = gaussian_mutation(key_mutation, child, params.mutation_std)
-        return child
+        return offspring(
+            key_mutation, u_split_and_ratio, state.archive[index_a], state.archive[index_b],
+            crossover=self.crossover, split_point=self.split_point,
+            mutation_std=params.mutation_std if self.mutation else None,
+        )
 
     def _insert(self, child, child_scores: jax.Array, state: State, params: Params):
         valid = jnp.all(jnp.isfinite(child_scores))
@@ -246,6 +237,33 @@ def sample_proportional(uniforms: jax.Array, weights: jax.Array, allowed: jax.Ar
     weights = jnp.where(jnp.sum(weights) > 0, weights, allowed.astype(weights.dtype))
     gumbel = -jnp.log(-jnp.log(jnp.clip(uniforms, 1e-12, 1.0 - 1e-7)))
     return jnp.argmax(jnp.where(weights > 0, jnp.log(weights) + gumbel, -jnp.inf))
+
+
+def offspring(key_mutation, u_split_and_ratio, parent_a, parent_b, *, crossover: bool, split_point: bool, mutation_std):
+    """One child of two flat parent vectors: split-point SLERP crossover, then optional Gaussian mutation.
+
+    Args:
+      key_mutation: PRNG key of the mutation noise.
+      u_split_and_ratio: two U(0, 1) draws: the split point (uniform over 0..num_dims, both ends included)
+        and the mixing ratio.
+      parent_a, parent_b: (num_dims,) flat parameter vectors.
+      crossover: False returns (a mutated copy of) parent A.
+      split_point: False uses one global SLERP with the mixing ratio (split at num_dims).
+      mutation_std: std of the Gaussian added to every entry, or None for no mutation.
+    """
+    if crossover:
+        num_dims = parent_a.shape[0]
+        u_split, mixing_ratio = u_split_and_ratio
+        if split_point:
+            split = jnp.minimum(jnp.floor(u_split * (num_dims + 1)), num_dims).astype(jnp.int32)
+        else:
+            split = jnp.int32(num_dims)
+        child = split_point_crossover(split, mixing_ratio, parent_a, parent_b)
+    else:
+        child = parent_a
+    if mutation_std is not None:
+        child = gaussian_mutation(key_mutation, child, mutation_std)
+    return child
 
 
 def gaussian_mutation(key: jax.Array, params: jax.Array, std) -> jax.Array:
