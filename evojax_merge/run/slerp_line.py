@@ -50,25 +50,10 @@ def brute_force_slerp(config: ExperimentConfig, num_ratios: int = 1001) -> dict:
     def accuracies(seed_key):
         models = evolution.seed_models(seed_key, train)
         first, second = (jax.tree.map(lambda x: x[i], models) for i in (0, 1))
-
-        def at(ratio):
-            merged = slerp(ratio, first, second)
-            return evolution.score_fn(merged, train).mean(), evolution.score_fn(merged, test).mean()
-
-        return jax.lax.map(at, ratios, batch_size=32)
+        return slerp_line_accuracies(evolution.score_fn, first, second, train, test, ratios)
 
     seeds = [config.run.seeds[0]] if config.model.init_seed is not None else config.run.seeds
-    per_seed = []
-    for seed in seeds:
-        train_acc, test_acc = (np.asarray(a) for a in accuracies(jax.random.PRNGKey(seed)))
-        chosen = int(np.argmax(train_acc))
-        per_seed.append({
-            "seed": seed,
-            "ratio": float(ratios[chosen]),
-            "train_accuracy": float(train_acc[chosen]),
-            "test_accuracy": float(test_acc[chosen]),
-            "best_test_accuracy_over_grid": float(test_acc.max()),
-        })
+    per_seed = [{"seed": seed, **choose_by_training(ratios, *accuracies(jax.random.PRNGKey(seed)))} for seed in seeds]
     mean, se = mean_and_standard_error(np.array([[r["test_accuracy"] for r in per_seed]]))
     return {
         "label": LABEL,
@@ -78,4 +63,26 @@ def brute_force_slerp(config: ExperimentConfig, num_ratios: int = 1001) -> dict:
         "test_accuracy_mean": float(mean[0]),
         "test_accuracy_standard_error": float(se[0]),
         "per_seed": per_seed,
+    }
+
+
+def slerp_line_accuracies(score_fn, first, second, train, test, ratios: jax.Array):
+    """(train accuracies, test accuracies) of slerp(ratio, first, second) at every ratio, each (num_ratios,)."""
+
+    def at(ratio):
+        merged = slerp(ratio, first, second)
+        return score_fn(merged, train).mean(), score_fn(merged, test).mean()
+
+    return jax.lax.map(at, ratios, batch_size=32)
+
+
+def choose_by_training(ratios, train_accuracy, test_accuracy) -> dict:
+    """The grid point with the best training accuracy (the first on ties) and the best test accuracy overall."""
+    train_accuracy, test_accuracy = np.asarray(train_accuracy), np.asarray(test_accuracy)
+    chosen = int(np.argmax(train_accuracy))
+    return {
+        "ratio": float(ratios[chosen]),
+        "train_accuracy": float(train_accuracy[chosen]),
+        "test_accuracy": float(test_accuracy[chosen]),
+        "best_test_accuracy_over_grid": float(test_accuracy.max()),
     }
