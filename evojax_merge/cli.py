@@ -168,8 +168,9 @@ def _read_panel(title: str, items: list[str], skip_missing: bool) -> dict:
                 continue
             raise EvojaxMergeError(f"{path} has no metrics.csv: not a run directory")
         metrics = read_metrics(path)
-        name = load_config(path / "config.yaml").name
-        curves.append({"label": name, "forward_passes": metrics["forward_passes"][:, 0], "values": metrics["test_accuracy"]})
+        config = load_config(path / "config.yaml")
+        curves.append({"label": config.name, "forward_passes": metrics["forward_passes"][:, 0],
+                       "values": metrics["test_accuracy"], "budget": config.run.forward_passes})
     return {"title": title, "curves": curves, "lines": lines}
 
 

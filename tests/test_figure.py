@@ -13,7 +13,8 @@ from evojax_merge.run.plot import results_table
 def fake_run(path, name, passes, per_seed_test):
     """A run directory with config.yaml and metrics.csv (test accuracy rows per seed and logged point)."""
     path.mkdir()
-    (path / "config.yaml").write_text(dump_config(load_config(None, [f"name={name}"])))
+    config = load_config(None, [f"name={name}", f"run.forward_passes={passes[-1]}"])
+    (path / "config.yaml").write_text(dump_config(config))
     rows = ["seed,forward_passes,train_accuracy,test_accuracy,archive_filled,rejected_nonfinite"]
     for seed, values in enumerate(per_seed_test):
         rows += [f"{seed},{p},0.5,{v},2,0" for p, v in zip(passes, values)]
@@ -50,7 +51,8 @@ def test_plot_two_panels_with_a_line_and_missing_runs(tmp_path, capsys):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = table.read_text()
     assert "### left" in text and "### right" in text
-    assert "| alpha | 2 | 1002 |" in text and "70.0 +- 10.0" in text
+    assert "| method | seeds | passes | at 0.1k | at 0.2k | at 0.4k | at 1k |" in text
+    assert "| alpha | 2 | 1002 | - | - | - | 70.0 +- 10.0 |" in text  # nothing logged near 100, 200, 400
     assert "| beta | 1 | 1002 |" in text and "| brute-force SLERP | 1 | - | 50.0 |" in text
     assert "not_run_yet" not in text
     # Without --skip-missing a missing run directory is an error (exit 2), not a silent gap.

@@ -65,13 +65,16 @@ def plot_panels(panels: list[dict], path: str | pathlib.Path, ylabel: str = "Tes
 
 
 def results_table(curves: list[dict], lines: list[dict] = (), budget_fractions=(0.1, 0.2, 0.4, 1.0)) -> str:
-    """Markdown table: test accuracy (mean +- 1 SE over seeds) at fractions of the longest run's budget.
+    """Markdown table: test accuracy (mean +- 1 SE over seeds) at fractions of the largest budget.
 
-    A column's budget is the logged point nearest to that fraction of the largest final forward-pass
-    count; a run that stops earlier shows "-" beyond its end. Reference lines get one row with their value.
+    The budget of a curve is its ``budget`` entry (the config's forward passes) if present, else its last
+    logged point; the columns are the fractions of the largest one, rounded to two significant digits, and
+    a cell is the logged point nearest to that (within 2%): an unfinished run shows "-" beyond its end.
+    Reference lines get one row with their value.
     """
-    budget = max((int(c["forward_passes"][-1]) for c in curves), default=0)
-    columns = sorted({int(round(f * budget)) for f in budget_fractions})
+    budget = max((int(c.get("budget", c["forward_passes"][-1])) for c in curves), default=0)
+    unit = 10 ** max(0, len(str(budget)) - 2)
+    columns = sorted({int(round(f * budget / unit)) * unit for f in budget_fractions})
     head = "| method | seeds | passes | " + " | ".join(f"at {b / 1000:g}k" for b in columns) + " |"
     lines_out = [head, "|---|---|---|" + "---|" * len(columns)]
     for curve in curves:

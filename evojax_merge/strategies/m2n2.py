@@ -25,11 +25,11 @@ shared fitness with that child). With ``num_children=1`` it is the paper's algor
 from __future__ import annotations
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 from flax import struct
 
 from evojax_merge.merge.crossover import split_point_crossover
+from evojax_merge.strategies.archive import ArchiveStrategy
 
 
 @struct.dataclass
@@ -47,7 +47,7 @@ class Params:
     mutation_std: float = 0.01  # std of the Gaussian added to every parameter (with mutation=True)
 
 
-class M2N2:
+class M2N2(ArchiveStrategy):
     """Model Merging of Natural Niches over parameter pytrees.
 
     Args:
@@ -72,40 +72,16 @@ class M2N2:
     ):
         if archive_size < 2:
             raise ValueError(f"archive_size must be at least 2, got {archive_size}")
-        if num_children < 1:
-            raise ValueError(f"num_children must be at least 1, got {num_children}")
+        super().__init__(solution, num_children)
         self.archive_size = archive_size
-        self.solution = solution
-        self.num_children = num_children
         self.crossover = crossover
         self.split_point = split_point
         self.matchmaker = matchmaker
         self.mutation = mutation
-        template = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), solution)
-        flat, self._unravel = jax.flatten_util.ravel_pytree(template)
-        self.num_dims = flat.size
 
-    def ravel(self, tree) -> jax.Array:
-        """Flat vector of one parameter pytree (the layout of the archive rows)."""
-        return jax.flatten_util.ravel_pytree(tree)[0]
-
-    def unravel(self, flat: jax.Array):
-        """Parameter pytree of one flat vector."""
-        return self._unravel(flat)
-
-    def member(self, state: State, index: jax.Array):
-        """Parameter pytree of archive member ``index``."""
-        return self._unravel(state.archive[index])
-
-    def best(self, state: State):
-        """(parameter pytree, mean training score) of the archive member with the best mean score."""
-        train_score = jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
-        index = jnp.argmax(train_score)
-        return self.member(state, index), train_score[index]
-
-    def counters(self, state: State) -> dict[str, jax.Array]:
-        """Run-level counts every strategy reports: occupied archive slots, children rejected for NaN/inf scores."""
-        return {"archive_filled": jnp.sum(state.filled), "rejected_nonfinite": state.num_rejected_nonfinite}
+    def slot_train_scores(self, state: State) -> jax.Array:
+        """Mean training score of every archive member, -inf for empty slots."""
+        return jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
 
     @property
     def default_params(self) -> Params:
@@ -128,35 +104,6 @@ class M2N2:
             num_rejected_nonfinite=jnp.sum(~finite),
             generation_counter=jnp.int32(0),
         )
-
-    def ask(self, key: jax.Array, state: State, params: Params):
-        """Breed ``num_children`` children; returns (children pytree with a leading child axis, state)."""
-        keys = jax.random.split(key, self.num_children)
-        children = jax.vmap(self._breed, in_axes=(0, None, None))(keys, state, params)
-        return jax.vmap(self._unravel)(children), state
-
-    def tell(self, key: jax.Array, children, scores: jax.Array, state: State, params: Params):
-        """Insert the evaluated children one after another; returns (state, metrics)."""
-        del key
-
-        def insert(state, child_and_scores):
-            child, child_scores = child_and_scores
-            return self._insert(child, child_scores, state, params)
-
-        children = jax.vmap(self.ravel)(children)
-        if self.num_children == 1:
-            state, accepted = self._insert(children[0], scores[0], state, params)
-        else:
-            state, accepted = jax.lax.scan(insert, state, (children, scores))
-        state = state.replace(generation_counter=state.generation_counter + 1)
-        train_score = jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
-        metrics = {
-            "children_accepted": jnp.sum(accepted),
-            "best_index": jnp.argmax(train_score),
-            "best_train_score": jnp.max(train_score),
-            "archive_filled": jnp.sum(state.filled),
-        }
-        return state, metrics
 
     def _breed(self, key: jax.Array, state: State, params: Params):
         # Two PRNG calls per child (uniforms for every choice, normals for the mutation): on CPU each

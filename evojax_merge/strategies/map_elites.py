@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from evojax_merge.strategies.archive import ArchiveStrategy
 from evojax_merge.strategies.m2n2 import offspring, sample_proportional
 
 # Descriptors are often fractions k/n computed in float32 (7/10 -> 0.69999999): a value this close (in
@@ -47,7 +47,7 @@ class Params:
     mutation_std: float = 0.01  # std of the Gaussian added to every parameter (with mutation=True)
 
 
-class MAPElites:
+class MAPElites(ArchiveStrategy):
     """MAP-Elites on a regular grid, breeding with M2N2's crossover and mutation.
 
     Args:
@@ -75,28 +75,14 @@ class MAPElites:
     ):
         if num_axes < 1 or bins < 1:
             raise ValueError(f"num_axes and bins must be at least 1, got {num_axes} and {bins}")
-        if num_children < 1:
-            raise ValueError(f"num_children must be at least 1, got {num_children}")
-        self.solution = solution
+        super().__init__(solution, num_children)
         self.descriptor_fn = descriptor_fn
         self.num_axes = num_axes
         self.bins = bins
         self.num_cells = bins**num_axes
-        self.num_children = num_children
         self.crossover = crossover
         self.split_point = split_point
         self.mutation = mutation
-        template = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), solution)
-        flat, self._unravel = jax.flatten_util.ravel_pytree(template)
-        self.num_dims = flat.size
-
-    def ravel(self, tree) -> jax.Array:
-        """Flat vector of one parameter pytree (the layout of the archive rows)."""
-        return jax.flatten_util.ravel_pytree(tree)[0]
-
-    def member(self, state: State, index: jax.Array):
-        """Parameter pytree of the elite in cell ``index`` (row-major over the grid)."""
-        return self._unravel(state.archive[index])
 
     def cell_index(self, descriptor: jax.Array) -> jax.Array:
         """Row-major cell of a descriptor: axis i falls in bin floor(d_i * bins), 1.0 in the last bin."""
@@ -105,15 +91,9 @@ class MAPElites:
         strides = self.bins ** jnp.arange(self.num_axes - 1, -1, -1, dtype=jnp.int32)
         return jnp.sum(position * strides)
 
-    def best(self, state: State):
-        """(parameter pytree, mean training score) of the elite with the best quality."""
-        quality = jnp.where(state.filled, state.quality, -jnp.inf)
-        index = jnp.argmax(quality)
-        return self.member(state, index), quality[index]
-
-    def counters(self, state: State) -> dict[str, jax.Array]:
-        """Occupied cells and children rejected for NaN/inf scores."""
-        return {"archive_filled": jnp.sum(state.filled), "rejected_nonfinite": state.num_rejected_nonfinite}
+    def slot_train_scores(self, state: State) -> jax.Array:
+        """Quality (mean training score) of every cell's elite, -inf for empty cells."""
+        return jnp.where(state.filled, state.quality, -jnp.inf)
 
     @property
     def default_params(self) -> Params:
@@ -123,34 +103,13 @@ class MAPElites:
         """Empty grid into which the evaluated seed models ``population`` are inserted one after another."""
         del key
         state = State(
-            archive=jnp.zeros((self.num_cells, self.num_dims), jax.flatten_util.ravel_pytree(self.solution)[0].dtype),
+            archive=jnp.zeros((self.num_cells, self.num_dims), self.dtype),
             quality=jnp.zeros(self.num_cells, jnp.float32),
             filled=jnp.zeros(self.num_cells, bool),
             num_rejected_nonfinite=jnp.int32(0),
             generation_counter=jnp.int32(0),
         )
-        state, _ = self._insert_all(jax.vmap(self.ravel)(population), scores, state)
-        return state
-
-    def ask(self, key: jax.Array, state: State, params: Params):
-        """Breed ``num_children`` children; returns (children pytree with a leading child axis, state)."""
-        keys = jax.random.split(key, self.num_children)
-        children = jax.vmap(self._breed, in_axes=(0, None, None))(keys, state, params)
-        return jax.vmap(self._unravel)(children), state
-
-    def tell(self, key: jax.Array, children, scores: jax.Array, state: State, params: Params):
-        """Insert the evaluated children into their cells one after another; returns (state, metrics)."""
-        del key, params
-        state, accepted = self._insert_all(jax.vmap(self.ravel)(children), scores, state)
-        state = state.replace(generation_counter=state.generation_counter + 1)
-        quality = jnp.where(state.filled, state.quality, -jnp.inf)
-        metrics = {
-            "children_accepted": jnp.sum(accepted),
-            "best_index": jnp.argmax(quality),
-            "best_train_score": jnp.max(quality),
-            "archive_filled": jnp.sum(state.filled),
-        }
-        return state, metrics
+        return self._insert_each(jax.vmap(self.ravel)(population), scores, state, params)[0]
 
     def _breed(self, key: jax.Array, state: State, params: Params):
         key_choices, key_mutation = jax.random.split(key)
@@ -166,16 +125,8 @@ class MAPElites:
             mutation_std=params.mutation_std if self.mutation else None,
         )
 
-    def _insert_all(self, flat_children: jax.Array, scores: jax.Array, state: State):
-        def insert(state, child_and_scores):
-            return self._insert(*child_and_scores, state)
-
-        if flat_children.shape[0] == 1:
-            state, accepted = self._insert(flat_children[0], scores[0], state)
-            return state, accepted[None]
-        return jax.lax.scan(insert, state, (flat_children, scores))
-
-    def _insert(self, child: jax.Array, child_scores: jax.Array, state: State):
+    def _insert(self, child: jax.Array, child_scores: jax.Array, state: State, params: Params):
+        del params
         valid = jnp.all(jnp.isfinite(child_scores))
         child_scores = jnp.where(valid, child_scores, 0.0)
         quality = child_scores.mean()
