@@ -3,6 +3,8 @@
     evojax-merge run CONFIG.yaml [--out RUN_DIR] [--set section.key=value ...]
     evojax-merge run --resume RUN_DIR
     evojax-merge plot RUN_DIR [RUN_DIR ...] --out FIGURE.png
+    evojax-merge plot --panel TITLE RUN_DIR|LINE.json ... [--panel ...] --out FIGURE.png [--table TABLE.md]
+    evojax-merge slerp-line CONFIG.yaml --out LINE.json     (brute-force SLERP between the two seed models)
     evojax-merge merge RECIPE.yaml --out DIR         (Hugging Face checkpoints, mergekit recipes)
 
 Errors caused by the input (bad config, missing data, unusable checkpoint) print one line naming the
@@ -38,9 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     plot = commands.add_parser("plot", help="plot the test accuracy of one or more runs in one figure")
-    plot.add_argument("run_dirs", nargs="+")
+    plot.add_argument("run_dirs", nargs="*", help="run directories (one panel); or use --panel")
+    plot.add_argument(
+        "--panel", nargs="+", action="append", default=[], metavar="TITLE_THEN_ITEMS",
+        help="one panel: its title, then run directories and reference-line JSON files (slerp-line); repeatable",
+    )
     plot.add_argument("--out", required=True, help="PNG file to write")
-    plot.add_argument("--title", default="")
+    plot.add_argument("--title", default="", help="title of the single panel (with positional run directories)")
+    plot.add_argument("--table", help="also write the results tables (markdown) to this file")
+    plot.add_argument("--skip-missing", action="store_true", help="leave out run directories and line files that do not exist")
+
+    line = commands.add_parser("slerp-line", help="brute-force SLERP between a config's two seed models (reference line)")
+    line.add_argument("config", help="experiment YAML with two seed models, e.g. experiments/digits/pretrained/m2n2.yaml")
+    line.add_argument("--out", required=True, help="JSON file to write (an input of `plot --panel`)")
+    line.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    line.add_argument("--ratios", type=int, default=1001, help="number of SLERP ratios from 0 to 1 (default 1001)")
 
     from evojax_merge.merge.cli import add_merge_subparser
 
@@ -55,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args, parser)
         if args.command == "plot":
-            return _plot(args)
+            return _plot(args, parser)
+        if args.command == "slerp-line":
+            return _slerp_line(args)
         if args.command == "merge":
             from evojax_merge.merge.cli import run_merge
 
@@ -107,36 +123,75 @@ def _run(args, parser) -> int:
     return 0
 
 
-def _plot(args) -> int:
-    from evojax_merge.config import load_config
-    from evojax_merge.run.experiment import read_metrics
-    from evojax_merge.run.plot import plot_curves
+def _plot(args, parser) -> int:
+    from evojax_merge.run.plot import plot_panels, results_table
 
-    curves = []
-    for run_dir in args.run_dirs:
-        if not (pathlib.Path(run_dir) / "metrics.csv").is_file():
-            raise EvojaxMergeError(f"{run_dir} has no metrics.csv: not a run directory")
-        metrics = read_metrics(run_dir)
-        name = load_config(pathlib.Path(run_dir) / "config.yaml").name
-        curves.append({"label": name, "forward_passes": metrics["forward_passes"][:, 0], "values": metrics["test_accuracy"]})
-    plot_curves(curves, args.out, title=args.title)
-    print(results_table(curves))
+    if bool(args.run_dirs) == bool(args.panel):
+        parser.error("plot takes either run directories (one panel) or --panel TITLE ITEM ... (one or more panels)")
+    groups = [[args.title, *args.run_dirs]] if args.run_dirs else args.panel
+    panels = [_read_panel(title, items, args.skip_missing) for title, *items in groups]
+    plot_panels(panels, args.out)
+    tables = "\n\n".join(
+        (f"### {p['title']}\n\n" if p["title"] else "") + results_table(p["curves"], p["lines"]) for p in panels
+    )
+    print(tables)
+    if args.table:
+        from evojax_merge.run.files import write_atomic
+
+        write_atomic(args.table, tables + "\n")
+        print(f"wrote {args.table}")
     print(f"wrote {args.out}")
     return 0
 
 
-def results_table(curves) -> str:
-    """Markdown table: test accuracy (mean +- 1 SE over seeds) at 10k passes and at the end of each run."""
-    from evojax_merge.run.plot import mean_and_standard_error
+def _read_panel(title: str, items: list[str], skip_missing: bool) -> dict:
+    """Curves of the run directories and reference lines of the JSON files among ``items``."""
+    import json
 
-    lines = ["| run | seeds | passes | test acc. at 10k | final test acc. |", "|---|---|---|---|---|"]
-    for curve in curves:
-        mean, se = mean_and_standard_error(curve["values"])
-        passes = curve["forward_passes"]
-        at_10k = int(np.argmin(np.abs(passes - 10_000)))
-        cell = lambda i: f"{100 * mean[i]:.1f} +- {100 * se[i]:.1f}%"
-        lines.append(f"| {curve['label']} | {curve['values'].shape[1]} | {int(passes[-1])} | {cell(at_10k)} | {cell(-1)} |")
-    return "\n".join(lines)
+    from evojax_merge.config import load_config
+    from evojax_merge.run.experiment import read_metrics
+
+    curves, lines = [], []
+    for item in items:
+        path = pathlib.Path(item)
+        if path.suffix == ".json":
+            if not path.is_file():
+                if skip_missing:
+                    continue
+                raise EvojaxMergeError(f"reference line file {path} does not exist")
+            line = json.loads(path.read_text())
+            seeds = 1 if line.get("same_seed_models_in_every_run") else len(line.get("per_seed", []))
+            lines.append({"label": line["label"], "value": line["test_accuracy_mean"], "seeds": seeds})
+            continue
+        if not (path / "metrics.csv").is_file():
+            if skip_missing:
+                continue
+            raise EvojaxMergeError(f"{path} has no metrics.csv: not a run directory")
+        metrics = read_metrics(path)
+        config = load_config(path / "config.yaml")
+        curves.append({"label": config.name, "forward_passes": metrics["forward_passes"][:, 0],
+                       "values": metrics["test_accuracy"], "budget": config.run.forward_passes})
+    return {"title": title, "curves": curves, "lines": lines}
+
+
+def _slerp_line(args) -> int:
+    import json
+
+    from evojax_merge.config import load_config
+    from evojax_merge.run.files import write_atomic
+    from evojax_merge.run.slerp_line import brute_force_slerp
+
+    result = brute_force_slerp(load_config(args.config, args.set), num_ratios=args.ratios)
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    per_seed = result["per_seed"]
+    ratios = ", ".join(f"{r['ratio']:.3f}" for r in per_seed)
+    oracle = ", ".join(f"{100 * r['best_test_accuracy_over_grid']:.1f}%" for r in per_seed)
+    print(
+        f"{result['label']} ({result['name']}, {result['num_ratios']} ratios, {len(per_seed)} seed pair(s)): "
+        f"test accuracy {100 * result['test_accuracy_mean']:.2f}% at the training-best ratio ({ratios}); "
+        f"best test accuracy over the grid {oracle}; wrote {args.out}"
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,10 +29,23 @@ class DataConfig:
 class ModelConfig:
     hidden_sizes: list[int] = dataclasses.field(default_factory=lambda: [256])
     init_std: float = 0.01  # std of every weight and bias of a from-scratch seed model
+    # Pre-trained seeds (the paper's Fig. 2 right): seed model i is trained from its random init by
+    # pretrain_steps full-batch Adam steps (softmax cross-entropy) on the training points whose label is
+    # in group i, e.g. [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]; null = random seed models (from scratch).
+    pretrained_class_groups: list[list[int]] | None = None
+    pretrain_steps: int = 10
+    pretrain_lr: float = 3e-3
+    # PRNG seed of the seed models' random init: a number gives every run the same seed models (the
+    # paper's pre-trained seeds come from seed 42 in every run); null = each run's own seed.
+    init_seed: int | None = None
 
     def validate(self):
         _check(all(h > 0 for h in self.hidden_sizes), "model.hidden_sizes", "must all be positive")
         _check(self.init_std >= 0, "model.init_std", "must be >= 0")
+        if self.pretrained_class_groups is not None:
+            _check_class_groups(self.pretrained_class_groups, "model.pretrained_class_groups")
+        _check(self.pretrain_steps >= 1, "model.pretrain_steps", "must be >= 1")
+        _check(self.pretrain_lr > 0, "model.pretrain_lr", "must be > 0")
 
 
 @dataclasses.dataclass
@@ -46,6 +59,12 @@ class StrategyConfig:
     split_point: bool = True
     mutation_std: float = 0.01  # 0 disables mutation (pre-trained or LLM seeds)
     children_per_step: int = 1  # > 1 is the batched variant for wide accelerators
+    # MAP-Elites: descriptor axis i is the accuracy on the training points whose label is in group i
+    # (the paper: odd digits x even digits), each axis cut into grid_bins cells.
+    descriptor_class_groups: list[list[int]] = dataclasses.field(
+        default_factory=lambda: [[1, 3, 5, 7, 9], [0, 2, 4, 6, 8]]
+    )
+    grid_bins: int = 10
 
     def validate(self):
         _check(self.name in STRATEGIES, "strategy.name", f"must be one of {sorted(STRATEGIES)}")
@@ -58,6 +77,14 @@ class StrategyConfig:
         _check(self.alpha >= 0, "strategy.alpha", "must be >= 0")
         _check(self.mutation_std >= 0, "strategy.mutation_std", "must be >= 0")
         _check(self.children_per_step >= 1, "strategy.children_per_step", "must be >= 1")
+        _check_class_groups(self.descriptor_class_groups, "strategy.descriptor_class_groups")
+        _check(self.grid_bins >= 1, "strategy.grid_bins", "must be >= 1")
+        _check(
+            self.grid_bins ** len(self.descriptor_class_groups) <= MAX_GRID_CELLS,
+            "strategy.grid_bins",
+            f"gives grid_bins ** {len(self.descriptor_class_groups)} cells, more than {MAX_GRID_CELLS:,} "
+            "(every cell holds a whole model)",
+        )
 
 
 @dataclasses.dataclass
@@ -108,18 +135,36 @@ class ExperimentConfig:
         self.model.validate()
         self.strategy.validate()
         self.run.validate(self.strategy)
+        groups = self.model.pretrained_class_groups
+        if groups is not None:
+            _check(
+                len(groups) == self.strategy.num_seed_models,
+                "model.pretrained_class_groups",
+                f"must hold one class group per seed model (strategy.num_seed_models = "
+                f"{self.strategy.num_seed_models}), got {len(groups)}",
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-STRATEGIES = ("m2n2",)
+STRATEGIES = ("m2n2", "map_elites")
+MAX_GRID_CELLS = 10_000
 
 
 def _check(ok: bool, key: str, message: str):
     if not ok:
         raise ConfigError(f"config key '{key}' {message}")
+
+
+def _check_class_groups(groups: list[list[int]], key: str):
+    """A non-empty list of non-empty lists of class labels (>= 0), no label twice within a group."""
+    _check(len(groups) >= 1, key, "must list at least one group of class labels")
+    for i, group in enumerate(groups):
+        _check(len(group) >= 1, f"{key}[{i}]", "must list at least one class label")
+        _check(all(c >= 0 for c in group), f"{key}[{i}]", f"must hold class labels >= 0, got {group}")
+        _check(len(set(group)) == len(group), f"{key}[{i}]", f"must not repeat a class label, got {group}")
 
 
 def from_dict(cls, data: Any, prefix: str = ""):

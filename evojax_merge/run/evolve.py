@@ -36,6 +36,10 @@ class Evolution:
       score_fn: ``(params, batch) -> (n,) scores`` (the task contract).
       init_model_fn: ``key -> params`` of one fresh seed model.
       num_seed_models: models the archive starts from.
+      seed_training_fn: optional ``(models, train) -> models`` applied to the fresh seed models (leading
+        axis = seed model), e.g. :func:`evojax_merge.models.pretrain.specialist_seed_models`.
+      init_seed: a fixed PRNG seed for the seed models' random init (every run then starts from the same
+        models); None draws them from each run's own key.
     """
 
     strategy: Any
@@ -43,11 +47,21 @@ class Evolution:
     score_fn: Callable[[Any, Batch], jax.Array]
     init_model_fn: Callable[[jax.Array], Any]
     num_seed_models: int
+    seed_training_fn: Callable[[Any, Batch], Any] | None = None
+    init_seed: int | None = None
+
+    def seed_models(self, seed_key: jax.Array, train: Batch):
+        """The seed models (a pytree with a leading model axis) of the run with key ``seed_key``."""
+        key_models = jax.random.split(seed_key, 3)[1] if self.init_seed is None else jax.random.PRNGKey(self.init_seed)
+        models = jax.vmap(self.init_model_fn)(jax.random.split(key_models, self.num_seed_models))
+        if self.seed_training_fn is not None:
+            models = self.seed_training_fn(models, train)
+        return models
 
     def init(self, seed_key: jax.Array, train: Batch) -> RunState:
         """Create and evaluate the seed models and the strategy state for one run."""
-        key, key_models, key_strategy = jax.random.split(seed_key, 3)
-        models = jax.vmap(self.init_model_fn)(jax.random.split(key_models, self.num_seed_models))
+        key, _, key_strategy = jax.random.split(seed_key, 3)  # the middle key is the seed models' (seed_models)
+        models = self.seed_models(seed_key, train)
         scores = jax.vmap(self.score_fn, in_axes=(0, None))(models, train)
         state = self.strategy.init(key_strategy, models, scores, self.strategy_params)
         return RunState(state, key, jnp.int32(self.num_seed_models))

@@ -26,29 +26,48 @@ from evojax_merge.config import ExperimentConfig, dump_config, load_config
 from evojax_merge.data import load_dataset
 from evojax_merge.errors import CheckpointError, ConfigError
 from evojax_merge.models.mlp import MLP
+from evojax_merge.models.pretrain import specialist_seed_models
 from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.evolve import Evolution, log_schedule
 from evojax_merge.run.files import write_atomic, write_csv, write_json
 from evojax_merge.run.sharding import agree, check_divisible, is_writer, place, run_shardings, runs_mesh
 from evojax_merge.run.plot import mean_and_standard_error, plot_curves
 from evojax_merge.strategies.registry import build_strategy
-from evojax_merge.tasks.classification import classification_scores
+from evojax_merge.tasks.classification import class_membership, classification_scores
 
 METRIC_KEYS = ("forward_passes", "train_accuracy", "test_accuracy", "archive_filled", "rejected_nonfinite")
 
 
-def build_evolution(config: ExperimentConfig, num_features: int, num_classes: int) -> Evolution:
-    """The strategy, task and model a config describes."""
+def build_evolution(config: ExperimentConfig, num_features: int, num_classes: int, train_labels=None) -> Evolution:
+    """The strategy, task and model a config describes.
+
+    ``train_labels`` (the training set's labels) is needed for pre-trained seed models and for strategies
+    whose descriptor depends on the data (MAP-Elites).
+    """
     model = MLP(tuple(config.model.hidden_sizes), num_classes, config.model.init_std)
     template = jax.eval_shape(lambda key: model.init_params(key, num_features), jax.random.PRNGKey(0))
-    strategy, strategy_params = build_strategy(config.strategy, template)
+    strategy, strategy_params = build_strategy(config.strategy, template, train_labels)
     return Evolution(
         strategy=strategy,
         strategy_params=strategy_params,
         score_fn=classification_scores(model.logits),
         init_model_fn=lambda key: model.init_params(key, num_features),
         num_seed_models=config.strategy.num_seed_models,
+        seed_training_fn=_seed_training(config, model, train_labels),
+        init_seed=config.model.init_seed,
     )
+
+
+def _seed_training(config: ExperimentConfig, model: MLP, train_labels):
+    """The pre-training of the seed models a config asks for (``model.pretrained_class_groups``), or None."""
+    groups = config.model.pretrained_class_groups
+    if groups is None:
+        return None
+    if train_labels is None:
+        raise ValueError("pre-trained seed models need the training labels")
+    membership = class_membership(train_labels, groups, "model.pretrained_class_groups")
+    steps, lr = config.model.pretrain_steps, config.model.pretrain_lr
+    return lambda models, train: specialist_seed_models(model.logits, models, train, membership, steps, lr)
 
 
 def new_run_dir(config: ExperimentConfig, out: str | None) -> pathlib.Path:
@@ -72,7 +91,7 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     scale = np.float32(config.data.scale)
     train = (jnp.asarray(data.train.x * scale), jnp.asarray(data.train.y))
     test = (jnp.asarray(data.test.x * scale), jnp.asarray(data.test.y))
-    evolution = build_evolution(config, data.num_features, data.num_classes)
+    evolution = build_evolution(config, data.num_features, data.num_classes, data.train.y)
     schedule = log_schedule(
         config.run.forward_passes, config.strategy.num_seed_models, config.strategy.children_per_step, config.run.log_every
     )

@@ -25,11 +25,11 @@ shared fitness with that child). With ``num_children=1`` it is the paper's algor
 from __future__ import annotations
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 from flax import struct
 
 from evojax_merge.merge.crossover import split_point_crossover
+from evojax_merge.strategies.archive import ArchiveStrategy
 
 
 @struct.dataclass
@@ -47,7 +47,7 @@ class Params:
     mutation_std: float = 0.01  # std of the Gaussian added to every parameter (with mutation=True)
 
 
-class M2N2:
+class M2N2(ArchiveStrategy):
     """Model Merging of Natural Niches over parameter pytrees.
 
     Args:
@@ -72,40 +72,16 @@ class M2N2:
     ):
         if archive_size < 2:
             raise ValueError(f"archive_size must be at least 2, got {archive_size}")
-        if num_children < 1:
-            raise ValueError(f"num_children must be at least 1, got {num_children}")
+        super().__init__(solution, num_children)
         self.archive_size = archive_size
-        self.solution = solution
-        self.num_children = num_children
         self.crossover = crossover
         self.split_point = split_point
         self.matchmaker = matchmaker
         self.mutation = mutation
-        template = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), solution)
-        flat, self._unravel = jax.flatten_util.ravel_pytree(template)
-        self.num_dims = flat.size
 
-    def ravel(self, tree) -> jax.Array:
-        """Flat vector of one parameter pytree (the layout of the archive rows)."""
-        return jax.flatten_util.ravel_pytree(tree)[0]
-
-    def unravel(self, flat: jax.Array):
-        """Parameter pytree of one flat vector."""
-        return self._unravel(flat)
-
-    def member(self, state: State, index: jax.Array):
-        """Parameter pytree of archive member ``index``."""
-        return self._unravel(state.archive[index])
-
-    def best(self, state: State):
-        """(parameter pytree, mean training score) of the archive member with the best mean score."""
-        train_score = jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
-        index = jnp.argmax(train_score)
-        return self.member(state, index), train_score[index]
-
-    def counters(self, state: State) -> dict[str, jax.Array]:
-        """Run-level counts every strategy reports: occupied archive slots, children rejected for NaN/inf scores."""
-        return {"archive_filled": jnp.sum(state.filled), "rejected_nonfinite": state.num_rejected_nonfinite}
+    def slot_train_scores(self, state: State) -> jax.Array:
+        """Mean training score of every archive member, -inf for empty slots."""
+        return jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
 
     @property
     def default_params(self) -> Params:
@@ -129,35 +105,6 @@ class M2N2:
             generation_counter=jnp.int32(0),
         )
 
-    def ask(self, key: jax.Array, state: State, params: Params):
-        """Breed ``num_children`` children; returns (children pytree with a leading child axis, state)."""
-        keys = jax.random.split(key, self.num_children)
-        children = jax.vmap(self._breed, in_axes=(0, None, None))(keys, state, params)
-        return jax.vmap(self._unravel)(children), state
-
-    def tell(self, key: jax.Array, children, scores: jax.Array, state: State, params: Params):
-        """Insert the evaluated children one after another; returns (state, metrics)."""
-        del key
-
-        def insert(state, child_and_scores):
-            child, child_scores = child_and_scores
-            return self._insert(child, child_scores, state, params)
-
-        children = jax.vmap(self.ravel)(children)
-        if self.num_children == 1:
-            state, accepted = self._insert(children[0], scores[0], state, params)
-        else:
-            state, accepted = jax.lax.scan(insert, state, (children, scores))
-        state = state.replace(generation_counter=state.generation_counter + 1)
-        train_score = jnp.where(state.filled, state.scores.mean(axis=1), -jnp.inf)
-        metrics = {
-            "children_accepted": jnp.sum(accepted),
-            "best_index": jnp.argmax(train_score),
-            "best_train_score": jnp.max(train_score),
-            "archive_filled": jnp.sum(state.filled),
-        }
-        return state, metrics
-
     def _breed(self, key: jax.Array, state: State, params: Params):
         # Two PRNG calls per child (uniforms for every choice, normals for the mutation): on CPU each
         # threefry call is a small loop, and a dozen of them per generation cost more than the breeding.
@@ -175,20 +122,11 @@ class M2N2:
             index_b = sample_proportional(u_b, appeal, state.filled)
         else:
             index_b = sample_proportional(u_b, fitness, state.filled)
-        parent_a = state.archive[index_a]
-        if self.crossover:
-            parent_b = state.archive[index_b]
-            u_split, mixing_ratio = u_split_and_ratio
-            if self.split_point:  # uniform over 0..num_dims (both ends included)
-                split = jnp.minimum(jnp.floor(u_split * (self.num_dims + 1)), self.num_dims).astype(jnp.int32)
-            else:
-                split = jnp.int32(self.num_dims)
-            child = split_point_crossover(split, mixing_ratio, parent_a, parent_b)
-        else:
-            child = parent_a
-        if self.mutation:
-            child = gaussian_mutation(key_mutation, child, params.mutation_std)
-        return child
+        return offspring(
+            key_mutation, u_split_and_ratio, state.archive[index_a], state.archive[index_b],
+            crossover=self.crossover, split_point=self.split_point,
+            mutation_std=params.mutation_std if self.mutation else None,
+        )
 
     def _insert(self, child, child_scores: jax.Array, state: State, params: Params):
         valid = jnp.all(jnp.isfinite(child_scores))
@@ -246,6 +184,33 @@ def sample_proportional(uniforms: jax.Array, weights: jax.Array, allowed: jax.Ar
     weights = jnp.where(jnp.sum(weights) > 0, weights, allowed.astype(weights.dtype))
     gumbel = -jnp.log(-jnp.log(jnp.clip(uniforms, 1e-12, 1.0 - 1e-7)))
     return jnp.argmax(jnp.where(weights > 0, jnp.log(weights) + gumbel, -jnp.inf))
+
+
+def offspring(key_mutation, u_split_and_ratio, parent_a, parent_b, *, crossover: bool, split_point: bool, mutation_std):
+    """One child of two flat parent vectors: split-point SLERP crossover, then optional Gaussian mutation.
+
+    Args:
+      key_mutation: PRNG key of the mutation noise.
+      u_split_and_ratio: two U(0, 1) draws: the split point (uniform over 0..num_dims, both ends included)
+        and the mixing ratio.
+      parent_a, parent_b: (num_dims,) flat parameter vectors.
+      crossover: False returns (a mutated copy of) parent A.
+      split_point: False uses one global SLERP with the mixing ratio (split at num_dims).
+      mutation_std: std of the Gaussian added to every entry, or None for no mutation.
+    """
+    if crossover:
+        num_dims = parent_a.shape[0]
+        u_split, mixing_ratio = u_split_and_ratio
+        if split_point:
+            split = jnp.minimum(jnp.floor(u_split * (num_dims + 1)), num_dims).astype(jnp.int32)
+        else:
+            split = jnp.int32(num_dims)
+        child = split_point_crossover(split, mixing_ratio, parent_a, parent_b)
+    else:
+        child = parent_a
+    if mutation_std is not None:
+        child = gaussian_mutation(key_mutation, child, mutation_std)
+    return child
 
 
 def gaussian_mutation(key: jax.Array, params: jax.Array, std) -> jax.Array:

@@ -6,11 +6,14 @@ on these scores directly; accuracy (or any aggregate fitness) is their mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from evojax_merge.errors import ConfigError
 
 Batch = tuple[jax.Array, jax.Array]  # (inputs, integer labels)
 ScoreFn = Callable[[Any, Batch], jax.Array]
@@ -35,3 +38,16 @@ def classification_scores(logits_fn: Callable[[Any, jax.Array], jax.Array]) -> S
 def accuracy(score_fn: ScoreFn, params, batch: Batch) -> jax.Array:
     """Mean per-data-point score."""
     return score_fn(params, batch).mean()
+
+
+def class_membership(labels, class_groups: Sequence[Sequence[int]], config_key: str) -> np.ndarray:
+    """(num_groups, num_points) bool: True where a point's label is in the group.
+
+    Raises ConfigError naming ``config_key`` (where the groups came from) if a group has no points.
+    """
+    labels = np.asarray(labels)
+    membership = np.stack([np.isin(labels, list(group)) for group in class_groups])
+    for i, points in enumerate(membership.sum(axis=1)):
+        if points == 0:
+            raise ConfigError(f"config key '{config_key}[{i}]' names classes {list(class_groups[i])} with no training points")
+    return membership
