@@ -56,9 +56,9 @@ class SeedRecipe:
     intermediate_size: int = 384
     init_seed: int = 0
     base: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
-        steps=800, batch_size=32, learning_rate=3e-3, warmup_steps=80, eval_every=200))
+        steps=500, batch_size=16, learning_rate=3e-3, warmup_steps=50, eval_every=100))
     specialist: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
-        steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20, eval_every=100))
+        steps=200, batch_size=16, learning_rate=2e-3, warmup_steps=10, eval_every=50))
 
     def model_config(self) -> llama.LlamaConfig:
         tok = CharTokenizer()
