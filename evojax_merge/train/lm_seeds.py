@@ -49,7 +49,7 @@ class SeedRecipe:
     n_train: int = 10_000  # per skill, seed training
     n_fitness: int = 200  # per skill, for the merge search's fitness
     n_test: int = 200  # per skill, reported
-    n_monitor: int = 100  # per skill, fitness examples scored during training
+    n_monitor: int = 100  # per skill, fitness examples scored during training (0: none)
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -93,8 +93,12 @@ def _interleave(lists: list[list]) -> list:
     return [x for group in zip(*(lst[:n] for lst in lists)) for x in group]
 
 
-def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, progress: bool = True) -> dict:
-    """Trains the base on all skills, then one specialist per skill; returns the manifest (seeds.json)."""
+def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, progress: bool = True,
+                score_test: bool = True) -> dict:
+    """Trains the base on all skills, then one specialist per skill; returns the manifest (seeds.json).
+
+    ``score_test=False`` skips the final test evaluation (tiny seeds for tests: no accuracy table).
+    """
     recipe = recipe or SeedRecipe()
     for s in recipe.skills:
         if s not in SKILL_SCORING:
@@ -107,7 +111,7 @@ def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, pr
     for s, parts in splits.items():
         for name, examples in parts.items():
             write_jsonl(out / "data" / f"{s}_{name}.jsonl", examples)
-    monitor = eval_tasks(splits, "fitness", recipe.n_monitor)
+    monitor = eval_tasks(splits, "fitness", recipe.n_monitor) if recipe.n_monitor > 0 else []
     facts = {"recipe": _recipe_dict(recipe)}
 
     base_params = llama.init_params(config, jax.random.PRNGKey(recipe.init_seed))
@@ -120,10 +124,12 @@ def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, pr
                                 out / s, progress=progress, extra_config=facts | {"specialist_of": s})
 
     # Final table: every seed on every skill's test set.
-    prepared = prepare_eval_tasks(eval_tasks(splits, "test"), config, tok, config.pad_token_id,
-                                  recipe.base.eval_batch_size)
-    accuracy = {name: {s: float(np.mean(v)) for s, v in evaluate(p, prepared).items()}
-                for name, p in models.items()}
+    accuracy = {}
+    if score_test:
+        prepared = prepare_eval_tasks(eval_tasks(splits, "test"), config, tok, config.pad_token_id,
+                                      recipe.base.eval_batch_size)
+        accuracy = {name: {s: float(np.mean(v)) for s, v in evaluate(p, prepared).items()}
+                    for name, p in models.items()}
     manifest = {
         "models": {name: f"{name}/model" for name in models},
         "base_model": "base",
@@ -136,7 +142,8 @@ def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, pr
         "recipe": facts["recipe"],
     }
     write_json(out / "seeds.json", manifest)
-    write_atomic(out / "results.md", accuracy_table(accuracy, recipe.skills, recipe.n_test))
+    if score_test:
+        write_atomic(out / "results.md", accuracy_table(accuracy, recipe.skills, recipe.n_test))
     return manifest
 
 
