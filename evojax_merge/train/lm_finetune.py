@@ -268,7 +268,8 @@ def plot_metrics(rows: list[dict], path: str | os.PathLike, task_names: Sequence
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("held-out exact match (%)")
     ax_acc.set_ylim(-2, 102)
-    ax_acc.legend(fontsize=8)
+    if task_names:
+        ax_acc.legend(fontsize=8)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.suptitle(title)

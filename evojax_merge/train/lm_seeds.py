@@ -32,7 +32,7 @@ import numpy as np
 
 from evojax_merge.data.synthetic_text import CharTokenizer, make_splits, read_jsonl, write_jsonl
 from evojax_merge.errors import ConfigError, DataError
-from evojax_merge.models import llama
+from evojax_merge.models import hf_io, llama
 from evojax_merge.run.files import write_atomic, write_json
 from evojax_merge.train.lm_finetune import EvalTask, FinetuneConfig, evaluate, finetune, prepare_eval_tasks
 
@@ -58,7 +58,7 @@ class SeedRecipe:
     base: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
         steps=500, batch_size=16, learning_rate=3e-3, warmup_steps=50, eval_every=100))
     specialist: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
-        steps=200, batch_size=16, learning_rate=2e-3, warmup_steps=10, eval_every=50))
+        steps=300, batch_size=16, learning_rate=2e-3, warmup_steps=20, eval_every=100))
 
     def model_config(self) -> llama.LlamaConfig:
         tok = CharTokenizer()
@@ -94,10 +94,12 @@ def _interleave(lists: list[list]) -> list:
 
 
 def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, progress: bool = True,
-                score_test: bool = True) -> dict:
+                score_test: bool = True, reuse_base: bool = False) -> dict:
     """Trains the base on all skills, then one specialist per skill; returns the manifest (seeds.json).
 
     ``score_test=False`` skips the final test evaluation (tiny seeds for tests: no accuracy table).
+    ``reuse_base=True`` loads ``out_dir/base/model`` when it exists instead of training it again (to
+    retrain only the specialists); the base must then have the recipe's architecture.
     """
     recipe = recipe or SeedRecipe()
     for s in recipe.skills:
@@ -114,10 +116,16 @@ def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, pr
     monitor = eval_tasks(splits, "fitness", recipe.n_monitor) if recipe.n_monitor > 0 else []
     facts = {"recipe": _recipe_dict(recipe)}
 
-    base_params = llama.init_params(config, jax.random.PRNGKey(recipe.init_seed))
-    mixed = _interleave([splits[s]["train"] for s in recipe.skills])
-    base_params, _ = finetune(base_params, config, tok, mixed, monitor, recipe.base, out / "base",
-                              progress=progress, extra_config=facts)
+    if reuse_base and (out / "base" / "model" / "config.json").is_file():
+        saved_config, base_params = hf_io.load_hf_folder(out / "base" / "model")
+        if saved_config.to_hf_dict() != config.to_hf_dict():
+            raise ConfigError(f"{out / 'base' / 'model'} is not the recipe's architecture; "
+                              "train the base again (drop --reuse-base)")
+    else:
+        base_params = llama.init_params(config, jax.random.PRNGKey(recipe.init_seed))
+        mixed = _interleave([splits[s]["train"] for s in recipe.skills])
+        base_params, _ = finetune(base_params, config, tok, mixed, monitor, recipe.base, out / "base",
+                                  progress=progress, extra_config=facts)
     models = {"base": base_params}
     for s in recipe.skills:
         models[s], _ = finetune(base_params, config, tok, splits[s]["train"], monitor, recipe.specialist,

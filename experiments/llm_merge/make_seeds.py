@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--specialist-steps", type=int, default=d.specialist.steps)
     ap.add_argument("--specialist-lr", type=float, default=d.specialist.learning_rate)
     ap.add_argument("--batch-size", type=int, default=d.base.batch_size)
+    ap.add_argument("--reuse-base", action="store_true",
+                    help="load OUT/base/model if it exists and train only the specialists")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     recipe = SeedRecipe(
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
                                        warmup_steps=min(d.specialist.warmup_steps, a.specialist_steps // 10),
                                        eval_every=max(1, min(d.specialist.eval_every, a.specialist_steps))))
     try:
-        manifest = build_seeds(a.out, recipe, progress=not a.no_progress)
+        manifest = build_seeds(a.out, recipe, progress=not a.no_progress, reuse_base=a.reuse_base)
     except EvojaxMergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
