@@ -89,7 +89,7 @@ def run(a) -> int:
     timings = {}
     for s in SKILLS:
         t0 = time.perf_counter()
-        models[s], history = finetune(base, config, tok, splits[s]["train"], tasks("fitness", 20), cfg, out / s,
+        models[s], history = finetune(base, config, tok, splits[s]["train"], tasks("fitness", 10), cfg, out / s,
                                       prompt_format=lm.chatml, progress=not a.no_progress,
                                       extra_config=facts | {"specialist_of": s})
         timings[s] = round(time.perf_counter() - t0, 1)
