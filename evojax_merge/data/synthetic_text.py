@@ -16,6 +16,8 @@ these tasks (a 100-symbol vocabulary keeps the embedding and the head small).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import string
 
 import numpy as np
@@ -131,6 +133,20 @@ def make_splits(skill: str, n_train: int, n_test: int, seed: int = 0
     return examples[n_test:], examples[:n_test]
 
 
+def write_jsonl(path: str | os.PathLike, examples) -> None:
+    """One JSON object per line: ``{"prompt", "answer", "distractors"}``."""
+    with open(path, "w") as f:
+        for e in examples:
+            f.write(json.dumps({"prompt": e.prompt, "answer": e.answer, "distractors": list(e.distractors)}) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[TextExample]:
+    """The examples :func:`write_jsonl` wrote."""
+    with open(path) as f:
+        return [TextExample(d["prompt"], d["answer"], tuple(d.get("distractors", ())))
+                for d in map(json.loads, filter(str.strip, f))]
+
+
 # ------------------------------------------------------------------------------------- tokenizer
 class CharTokenizer:
     """Character-level tokenizer: ids 0, 1, 2 are pad, end-of-sequence, beginning-of-sequence; then
@@ -155,3 +171,20 @@ class CharTokenizer:
 
     def id_to_token(self, i: int) -> str:
         return self.alphabet[i - 3] if i >= 3 else ""
+
+    def to_tokenizers(self):
+        """The same tokenizer as a ``tokenizers.Tokenizer`` (identical ids, encode and decode).
+
+        That form is what a Hugging Face model folder stores (``tokenizer.json``), so a model trained
+        with this tokenizer saves with ``hf_io.save_hf_folder`` and reloads with ``hf_io.load_tokenizer``.
+        """
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        special = ["<pad>", "</s>", "<s>"]
+        vocab = {t: i for i, t in enumerate(special)} | self._index
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+        # One token per character, newlines included ("[\s\S]", not ".").
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()  # join characters without the spaces WordLevel would insert
+        tok.add_special_tokens(special)
+        return tok

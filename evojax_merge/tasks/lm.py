@@ -9,6 +9,8 @@ and ``jax.vmap`` scores a population of merged models in one call.
   per-token table (:func:`number_table`), so no host round trip sits inside the evaluation.
 - :func:`prefix_match_scores`: greedy generation must start with the reference answer's tokens
   (string answers, e.g. the list skill).
+- :func:`answer_match_scores`: greedy generation must be exactly the answer's tokens followed by an
+  end-of-sequence token (string answers from a model trained to stop: "4" does not match "45").
 - :func:`loglik_scores`: log-likelihood of the reference continuation (sum or per-token mean).
 - :func:`choice_scores`: 1 when the reference continuation is the most likely of the choices.
 
@@ -182,6 +184,22 @@ def prefix_match_scores(params, batch: Batch, *, config: llama.LlamaConfig, max_
     return jnp.all(same, axis=1).astype(jnp.float32)
 
 
+def answer_match_scores(params, batch: Batch, *, config: llama.LlamaConfig, max_new_tokens: int,
+                        pad_token_id: int, scan_layers: bool = False) -> jax.Array:
+    """1.0 where the greedy generation is exactly ``batch["answer_ids"]`` then one of the config's
+    end-of-sequence tokens (N,). A generation too short to hold the answer and its EOS scores 0."""
+    out = llama.generate(params, batch["input_ids"], batch["attention_mask"], config=config,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
+    ans = jnp.asarray(batch["answer_ids"])
+    width = max(ans.shape[1] + 1, out.shape[1])
+    out = jnp.pad(out, ((0, 0), (0, width - out.shape[1])), constant_values=-2)
+    same = jnp.all((out[:, :ans.shape[1]] == ans) | (ans < 0), axis=1)
+    n_answer = jnp.sum(ans >= 0, axis=1)
+    after = jnp.take_along_axis(out, n_answer[:, None], axis=1)[:, 0]
+    stops = jnp.isin(after, jnp.asarray(config.eos_token_id or (-3,), jnp.int32))
+    return (same & stops).astype(jnp.float32)
+
+
 # --------------------------------------------------------------------------- likelihood-based tasks
 def loglik_batch(tokenizer, prompts: Sequence[str], continuations: Sequence[str], pad_id: int,
                  width: int | None = None) -> Batch:
@@ -241,7 +259,7 @@ def choice_scores(params, batch: Batch, *, config: llama.LlamaConfig, mean: bool
 def make_scorer(kind: str, config: llama.LlamaConfig, tokenizer=None, *, max_new_tokens: int = 16,
                 pad_token_id: int = 0, scan_layers: bool = False) -> Callable:
     """A jit-compiled ``scores(params, batch) -> (N,)`` of one kind: "exact_match", "prefix_match",
-    "loglik" or "choice". Vmap it over a population: ``jax.vmap(scorer, in_axes=(0, None))``.
+    "answer_match", "loglik" or "choice". Vmap it over a population: ``jax.vmap(scorer, in_axes=(0, None))``.
     ``scan_layers`` (generation kinds): compile faster, decode slower (see ``llama.generate``)."""
     if kind == "exact_match":
         if tokenizer is None:
@@ -251,10 +269,14 @@ def make_scorer(kind: str, config: llama.LlamaConfig, tokenizer=None, *, max_new
     elif kind == "prefix_match":
         fn = partial(prefix_match_scores, config=config, max_new_tokens=max_new_tokens,
                      pad_token_id=pad_token_id, scan_layers=scan_layers)
+    elif kind == "answer_match":
+        fn = partial(answer_match_scores, config=config, max_new_tokens=max_new_tokens,
+                     pad_token_id=pad_token_id, scan_layers=scan_layers)
     elif kind == "loglik":
         fn = partial(loglik_scores, config=config)
     elif kind == "choice":
         fn = partial(choice_scores, config=config)
     else:
-        raise DataError(f"unknown LM task kind {kind!r}; known: exact_match, prefix_match, loglik, choice")
+        raise DataError(f"unknown LM task kind {kind!r}; known: exact_match, prefix_match, answer_match, "
+                        "loglik, choice")
     return jax.jit(fn)

@@ -1,0 +1,1 @@
+"""Training the models that evolutionary merging starts from (supervised fine-tuning of LMs)."""

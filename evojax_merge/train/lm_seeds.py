@@ -1,0 +1,183 @@
+"""The seeds of the CPU-sized LLM-merging experiment: a base and one specialist per skill.
+
+The analogue of the paper's math + agent merge at a size a CPU trains in minutes. A small Llama with
+the character tokenizer is trained from scratch on a mix of two synthetic skills (arithmetic word
+problems and list manipulation, :mod:`evojax_merge.data.synthetic_text`); each specialist is then
+fine-tuned from that base on one skill alone. Both specialists share the base's weights as their
+common ancestor (what task-vector merges such as TIES/DARE assume), each is good at its own skill and
+has forgotten some of the other: merging them is worth something.
+
+:func:`build_seeds` writes everything the merging experiments read::
+
+    out/
+      seeds.json                     # manifest: model folders, tasks (scorer kind, data files), accuracies
+      data/<skill>_<split>.jsonl     # split = train (seed training) | fitness (merge search) | test
+      base/model/, <skill>/model/    # Hugging Face folders (hf_io.load_hf_folder / load_tokenizer)
+      base/metrics.csv, .png, config.json, and the same per specialist
+      results.md                     # test accuracy of every seed on every skill
+
+The three splits of a skill are disjoint and fixed by the data seed: the seeds train on ``train``,
+the evolutionary search scores candidates on ``fitness`` and the table reports ``test``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+
+from evojax_merge.data.synthetic_text import CharTokenizer, make_splits, read_jsonl, write_jsonl
+from evojax_merge.errors import ConfigError, DataError
+from evojax_merge.models import hf_io, llama
+from evojax_merge.run.files import write_atomic, write_json
+from evojax_merge.train.lm_finetune import EvalTask, FinetuneConfig, evaluate, finetune, prepare_eval_tasks
+
+# How each skill is scored: a numeric answer by its last number, a list answer by exact string + EOS.
+SKILL_SCORING = {"arithmetic": ("exact_match", 8), "list_ops": ("answer_match", 32)}
+
+
+@dataclasses.dataclass
+class SeedRecipe:
+    """Sizes and schedules of the seed models (defaults: the CPU-sized experiment)."""
+
+    skills: tuple[str, ...] = ("arithmetic", "list_ops")
+    data_seed: int = 0
+    n_train: int = 10_000  # per skill, seed training
+    n_fitness: int = 200  # per skill, for the merge search's fitness
+    n_test: int = 200  # per skill, reported
+    n_monitor: int = 100  # per skill, fitness examples scored during training (0: none)
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 384
+    init_seed: int = 0
+    base: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
+        steps=500, batch_size=16, learning_rate=3e-3, warmup_steps=50, eval_every=100))
+    specialist: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
+        steps=300, batch_size=16, learning_rate=2e-3, warmup_steps=20, eval_every=100))
+
+    def model_config(self) -> llama.LlamaConfig:
+        tok = CharTokenizer()
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("hidden_size must be a multiple of num_attention_heads")
+        return llama.LlamaConfig(
+            vocab_size=tok.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_attention_heads, head_dim=self.hidden_size // self.num_attention_heads,
+            rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=False,
+            bos_token_id=tok.bos_token_id, eos_token_id=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
+
+
+def skill_splits(skill: str, recipe: SeedRecipe) -> dict[str, list]:
+    """The disjoint train / fitness / test examples of one skill, fixed by ``recipe.data_seed``."""
+    train_all, test = make_splits(skill, recipe.n_train + recipe.n_fitness, recipe.n_test, recipe.data_seed)
+    return {"train": train_all[recipe.n_fitness:], "fitness": train_all[:recipe.n_fitness], "test": test}
+
+
+def eval_tasks(splits: dict[str, dict[str, list]], split: str, limit: int | None = None) -> list[EvalTask]:
+    """One :class:`EvalTask` per skill on ``split`` (the first ``limit`` examples)."""
+    out = []
+    for skill, parts in splits.items():
+        kind, max_new = SKILL_SCORING[skill]
+        out.append(EvalTask(skill, kind, tuple(parts[split][:limit]), max_new))
+    return out
+
+
+def _interleave(lists: list[list]) -> list:
+    """Round-robin merge, so a mixed data set holds the skills in equal shares."""
+    n = min(map(len, lists))
+    return [x for group in zip(*(lst[:n] for lst in lists)) for x in group]
+
+
+def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, progress: bool = True,
+                score_test: bool = True, reuse_base: bool = False) -> dict:
+    """Trains the base on all skills, then one specialist per skill; returns the manifest (seeds.json).
+
+    ``score_test=False`` skips the final test evaluation (tiny seeds for tests: no accuracy table).
+    ``reuse_base=True`` loads ``out_dir/base/model`` when it exists instead of training it again (to
+    retrain only the specialists); the base must then have the recipe's architecture.
+    """
+    recipe = recipe or SeedRecipe()
+    for s in recipe.skills:
+        if s not in SKILL_SCORING:
+            raise ConfigError(f"no scoring rule for skill {s!r}; known: {sorted(SKILL_SCORING)}")
+    out = pathlib.Path(out_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    tok = CharTokenizer()
+    config = recipe.model_config()
+    splits = {s: skill_splits(s, recipe) for s in recipe.skills}
+    for s, parts in splits.items():
+        for name, examples in parts.items():
+            write_jsonl(out / "data" / f"{s}_{name}.jsonl", examples)
+    monitor = eval_tasks(splits, "fitness", recipe.n_monitor) if recipe.n_monitor > 0 else []
+    facts = {"recipe": _recipe_dict(recipe)}
+
+    if reuse_base and (out / "base" / "model" / "config.json").is_file():
+        saved_config, base_params = hf_io.load_hf_folder(out / "base" / "model")
+        if saved_config.to_hf_dict() != config.to_hf_dict():
+            raise ConfigError(f"{out / 'base' / 'model'} is not the recipe's architecture; "
+                              "train the base again (drop --reuse-base)")
+    else:
+        base_params = llama.init_params(config, jax.random.PRNGKey(recipe.init_seed))
+        mixed = _interleave([splits[s]["train"] for s in recipe.skills])
+        base_params, _ = finetune(base_params, config, tok, mixed, monitor, recipe.base, out / "base",
+                                  progress=progress, extra_config=facts)
+    models = {"base": base_params}
+    for s in recipe.skills:
+        models[s], _ = finetune(base_params, config, tok, splits[s]["train"], monitor, recipe.specialist,
+                                out / s, progress=progress, extra_config=facts | {"specialist_of": s})
+
+    # Final table: every seed on every skill's test set.
+    accuracy = {}
+    if score_test:
+        prepared = prepare_eval_tasks(eval_tasks(splits, "test"), config, tok, config.pad_token_id,
+                                      recipe.base.eval_batch_size)
+        accuracy = {name: {s: float(np.mean(v)) for s, v in evaluate(p, prepared).items()}
+                    for name, p in models.items()}
+    manifest = {
+        "models": {name: f"{name}/model" for name in models},
+        "base_model": "base",
+        "specialists": {s: s for s in recipe.skills},
+        "tasks": {s: {"kind": SKILL_SCORING[s][0], "max_new_tokens": SKILL_SCORING[s][1],
+                      **{split: f"data/{s}_{split}.jsonl" for split in ("train", "fitness", "test")}}
+                  for s in recipe.skills},
+        "prompt_format": "plain",
+        "test_accuracy": accuracy,
+        "recipe": facts["recipe"],
+    }
+    write_json(out / "seeds.json", manifest)
+    if score_test:
+        write_atomic(out / "results.md", accuracy_table(accuracy, recipe.skills, recipe.n_test))
+    return manifest
+
+
+def accuracy_table(accuracy: dict[str, dict[str, float]], skills, n_test: int) -> str:
+    """Markdown table: one row per model, one column per skill plus their mean (test exact match, %)."""
+    head = "| model | " + " | ".join(skills) + " | mean |\n|---|" + "---|" * (len(skills) + 1) + "\n"
+    rows = "".join(f"| {name} | " + " | ".join(f"{100 * acc[s]:.1f}" for s in skills)
+                   + f" | {100 * np.mean([acc[s] for s in skills]):.1f} |\n" for name, acc in accuracy.items())
+    return head + rows + f"\nExact match (%) on {n_test} held-out test examples per skill.\n"
+
+
+def load_seed_tasks(seeds_dir: str | os.PathLike, split: str) -> list[EvalTask]:
+    """The tasks of a :func:`build_seeds` directory on ``split`` ("fitness" or "test"), from its manifest."""
+    path = pathlib.Path(seeds_dir) / "seeds.json"
+    if not path.is_file():
+        raise DataError(f"no seeds.json in {seeds_dir}: build the seeds first (make_seeds.py)")
+    manifest = json.loads(path.read_text())
+    tasks = []
+    for skill, t in manifest["tasks"].items():
+        if split not in t:
+            raise DataError(f"{path}: task {skill!r} has no split {split!r}")
+        tasks.append(EvalTask(skill, t["kind"], tuple(read_jsonl(path.parent / t[split])), t["max_new_tokens"]))
+    return tasks
+
+
+def _recipe_dict(recipe: SeedRecipe) -> dict:
+    d = dataclasses.asdict(recipe)
+    d["skills"] = list(recipe.skills)
+    return d

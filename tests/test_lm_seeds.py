@@ -1,0 +1,63 @@
+"""The seed builder of the LLM-merging experiment (train/lm_seeds.py) and its tiny test variant."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from lm_seeds import TINY_RECIPE, tiny_lm_seeds  # noqa: F401
+
+from evojax_merge.errors import ConfigError, DataError
+from evojax_merge.models import hf_io, llama
+from evojax_merge.tasks import lm
+from evojax_merge.train import lm_seeds
+
+
+def test_splits_are_disjoint_and_fixed_by_the_seed():
+    for skill in TINY_RECIPE.skills:
+        parts = lm_seeds.skill_splits(skill, TINY_RECIPE)
+        assert [len(parts[k]) for k in ("train", "fitness", "test")] == [64, 8, 8]
+        prompts = [{e.prompt for e in parts[k]} for k in ("train", "fitness", "test")]
+        assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+        assert lm_seeds.skill_splits(skill, TINY_RECIPE) == parts
+
+
+def test_tiny_seeds_are_loadable_related_models(tiny_lm_seeds):
+    manifest, root = tiny_lm_seeds
+    assert set(manifest["models"]) == {"base", "arithmetic", "list_ops"}
+    loaded = {name: hf_io.load_hf_folder(root / folder) for name, folder in manifest["models"].items()}
+    configs = {name: c.to_hf_dict() for name, (c, _) in loaded.items()}
+    assert configs["base"] == configs["arithmetic"] == configs["list_ops"]
+    flat = {name: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(p)])
+            for name, (_, p) in loaded.items()}
+    # Each specialist moved away from the base, in its own direction.
+    d_arith, d_list = flat["arithmetic"] - flat["base"], flat["list_ops"] - flat["base"]
+    assert np.linalg.norm(d_arith) > 0 and np.linalg.norm(d_list) > 0
+    assert abs(d_arith @ d_list) < 0.99 * np.linalg.norm(d_arith) * np.linalg.norm(d_list)
+    # The specialist runs trained on their own skill's examples only.
+    for skill in ("arithmetic", "list_ops"):
+        run = json.loads((root / skill / "config.json").read_text())
+        assert run["specialist_of"] == skill and run["n_train_examples"] == TINY_RECIPE.n_train
+    base_run = json.loads((root / "base" / "config.json").read_text())
+    assert base_run["n_train_examples"] == 2 * TINY_RECIPE.n_train
+
+    tasks = lm_seeds.load_seed_tasks(root, "fitness")
+    assert [(t.name, t.kind, len(t.examples)) for t in tasks] == [("arithmetic", "exact_match", 8),
+                                                                   ("list_ops", "answer_match", 8)]
+    assert tasks[0].examples == tuple(lm_seeds.skill_splits("arithmetic", TINY_RECIPE)["fitness"])
+    # The saved tokenizer is the character tokenizer the seeds were trained with.
+    config, params = loaded["arithmetic"]
+    tok = hf_io.load_tokenizer(root / "arithmetic" / "model")
+    batch = lm.generation_batch(tok, tasks[0].examples, config.pad_token_id)
+    scores = lm.make_scorer("exact_match", config, tok, max_new_tokens=4)(params, batch)
+    assert scores.shape == (8,)
+
+
+def test_bad_input():
+    with pytest.raises(DataError, match="no seeds.json"):
+        lm_seeds.load_seed_tasks("/nonexistent", "test")
+    with pytest.raises(ConfigError, match="no scoring rule"):
+        lm_seeds.build_seeds("/tmp/unused", lm_seeds.SeedRecipe(skills=("poetry",)))
+    with pytest.raises(ConfigError, match="multiple of num_attention_heads"):
+        lm_seeds.SeedRecipe(hidden_size=30, num_attention_heads=4).model_config()
+    assert isinstance(lm_seeds.SeedRecipe().model_config(), llama.LlamaConfig)
