@@ -4,6 +4,8 @@
     evojax-merge run --resume RUN_DIR
     evojax-merge plot RUN_DIR [RUN_DIR ...] --out FIGURE.png
     evojax-merge merge RECIPE.yaml --out DIR         (Hugging Face checkpoints, mergekit recipes)
+    evojax-merge evolve CONFIG.yaml [--out RUN_DIR] [--set key=value ...]   (LLM merges: PS, DFS, M2N2)
+    evojax-merge evolve --resume RUN_DIR
 
 Errors caused by the input (bad config, missing data, unusable checkpoint) print one line naming the
 problem and exit with status 2; an interrupted run (Ctrl-C) saves a checkpoint and exits with 130.
@@ -42,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", required=True, help="PNG file to write")
     plot.add_argument("--title", default="")
 
+    evolve = commands.add_parser("evolve", help="evolve a merge of language models (PS, DFS, PS+DFS, M2N2)")
+    evolve.add_argument("config", nargs="?", help="evolve YAML, e.g. experiments/llm_merge/ps.yaml")
+    evolve.add_argument("--out", help="run directory to create (default: run.out_dir/NAME-TIMESTAMP)")
+    evolve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    evolve.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    evolve.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     from evojax_merge.merge.cli import add_merge_subparser
 
     add_merge_subparser(commands)
@@ -56,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, parser)
         if args.command == "plot":
             return _plot(args)
+        if args.command == "evolve":
+            return _evolve(args, parser)
         if args.command == "merge":
             from evojax_merge.merge.cli import run_merge
 
@@ -103,6 +114,38 @@ def _run(args, parser) -> int:
     )
     if summary["status"] == "interrupted":
         print(f"interrupted: resume with `evojax-merge run --resume {run_dir}`", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _evolve(args, parser) -> int:
+    from evojax_merge.evolve_config import load_evolve_config
+    from evojax_merge.run.experiment import new_run_dir
+    from evojax_merge.run.llm_evolve import resume_evolve, run_evolve
+
+    if args.resume:
+        if args.config or args.set or args.out:
+            parser.error("--resume takes only the run directory: its config.yaml defines the run")
+        run_dir = pathlib.Path(args.resume)
+        summary = resume_evolve(run_dir, progress=not args.no_progress)
+    else:
+        if not args.config:
+            parser.error("evolve needs a CONFIG.yaml (or --resume RUN_DIR)")
+        config = load_evolve_config(args.config, args.set)
+        run_dir = new_run_dir(config, args.out)
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        try:
+            summary = run_evolve(config, run_dir, progress=not args.no_progress)
+        except EvojaxMergeError:
+            # Failed before computing anything (e.g. a seed folder is missing): leave no empty run behind.
+            if not (run_dir / "metrics.csv").exists() and not (run_dir / "ps" / "metrics.csv").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+    test = summary.get("best_test", {})
+    scores = ", ".join(f"{k} {100 * v:.1f}%" for k, v in test.items())
+    print(f"{summary['name']} ({summary['search']}): best model's test scores: {scores}; results in {run_dir}")
+    if summary["status"] == "interrupted":
+        print(f"interrupted: resume with `evojax-merge evolve --resume {run_dir}`", file=sys.stderr)
         return 130
     return 0
 

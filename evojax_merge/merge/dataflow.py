@@ -185,23 +185,6 @@ def active_hops(path: Path) -> tuple[list[int], list[float]]:
 
 
 # ------------------------------------------------------------------------------------------- the pool
-def check_pool_configs(configs: Sequence[llama.LlamaConfig], names: Sequence[str]) -> None:
-    """Models can share a path when their layers have the same shapes and numerics (depth may differ).
-
-    Raises:
-      ConfigError: naming the first field that differs from model A.
-    """
-    fields = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "rms_norm_eps", "rope_theta", "rope_type", "rope_factor", "sliding_window")
-    for config, name in zip(configs[1:], names[1:]):
-        for f in fields:
-            if getattr(config, f) != getattr(configs[0], f):
-                raise ConfigError(
-                    f"seed {name} has {f}={getattr(config, f)!r} but model A ({names[0]}) has "
-                    f"{getattr(configs[0], f)!r}: their layers cannot share an inference path"
-                )
-
-
 def make_pool(models: Sequence[llama.Params]) -> llama.Params:
     """Model A's embeddings, final norm and head with the layers of every model stacked (pool order)."""
     pool = {k: v for k, v in models[0].items() if k != "layers"}

@@ -195,6 +195,27 @@ class LlamaConfig:
         return shapes
 
 
+# What two models must share for their layers to be interchangeable (a layer path through both, a merge).
+LAYER_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "rms_norm_eps", "rope_theta", "rope_type", "rope_factor", "sliding_window", "model_type")
+# ... and what they must also share to be merged tensor by tensor.
+MODEL_FIELDS = LAYER_FIELDS + ("num_hidden_layers", "vocab_size", "tie_word_embeddings")
+
+
+def check_same_architecture(configs: list[LlamaConfig], names: list[str], same_depth: bool = True) -> None:
+    """Raise ConfigError naming the first model and field that differ from the first model.
+
+    ``same_depth=False`` compares only what layers need to be exchanged between models (data-flow paths).
+    """
+    fields = MODEL_FIELDS if same_depth else LAYER_FIELDS
+    for config, name in zip(configs[1:], names[1:]):
+        for f in fields:
+            if getattr(config, f) != getattr(configs[0], f):
+                raise ConfigError(
+                    f"seed models have different architectures: {name} has {f}={getattr(config, f)!r}, "
+                    f"{names[0]} has {getattr(configs[0], f)!r}")
+
+
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Random parameters (normal(0, std) weights, unit norms), the Hugging Face initialisation."""
     shapes = config.param_shapes
