@@ -142,7 +142,7 @@ def _evolve(args, parser) -> int:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
     test = summary.get("best_test", {})
-    scores = ", ".join(f"{k} {100 * v:.1f}%" for k, v in test.items())
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in test.items())
     print(f"{summary['name']} ({summary['search']}): best model's test scores: {scores}; results in {run_dir}")
     if summary["status"] == "interrupted":
         print(f"interrupted: resume with `evojax-merge evolve --resume {run_dir}`", file=sys.stderr)

@@ -172,6 +172,11 @@ class EvolveConfig:
         self.dfs.validate()
         self.m2n2.validate()
         self.run.validate()
+        if self.search == "m2n2":
+            # Competition divides by the archive's total score per point: it needs scores >= 0.
+            kinds = [s.kind for s in self.task.skills]
+            _check("loglik" not in kinds, "task.skills", "cannot use kind 'loglik' (negative scores) with search "
+                   "m2n2: its competition needs scores >= 0; use exact_match, prefix_match or choice")
         if self.search in ("dfs", "ps_dfs", "m2n2"):
             _check(len(self.seeds.models) >= 2 or self.search == "ps_dfs", "seeds.models",
                    f"must list at least two models for search {self.search!r}")

@@ -29,6 +29,7 @@ class State:
     es_state: Any  # the evosax strategy's own state
     best_genome: jax.Array  # (num_dims,) best candidate so far by mean training score
     best_score: jax.Array  # its mean training score (-inf before any finite evaluation)
+    best_point_scores: jax.Array  # (num_points,) its per-data-point scores
     num_rejected_nonfinite: jax.Array  # candidates whose scores contained NaN or inf
     generation_counter: jax.Array
 
@@ -87,8 +88,8 @@ class EvosaxSearch:
             params = params.replace(std_init=jnp.asarray(self.sigma, jnp.float32))
         return params
 
-    def init(self, key: jax.Array, mean: jax.Array, params) -> State:
-        """The search state centred on ``mean`` (num_dims,)."""
+    def init(self, key: jax.Array, mean: jax.Array, params, num_points: int = 1) -> State:
+        """The search state centred on ``mean`` (num_dims,), for tasks of ``num_points`` data points."""
         es_state = self.es.init(key, jnp.asarray(mean, jnp.float32), params)
         # Python scalars in evosax's initial state become arrays, so checkpoints see fixed dtypes.
         es_state = jax.tree.map(jnp.asarray, es_state)
@@ -96,6 +97,7 @@ class EvosaxSearch:
             es_state=es_state,
             best_genome=jnp.asarray(mean, jnp.float32),
             best_score=jnp.float32(-jnp.inf),
+            best_point_scores=jnp.zeros(num_points, jnp.float32),
             num_rejected_nonfinite=jnp.int32(0),
             generation_counter=jnp.int32(0),
         )
@@ -118,6 +120,7 @@ class EvosaxSearch:
             es_state=es_state,
             best_genome=jnp.where(improved, genomes[index], state.best_genome),
             best_score=jnp.where(improved, fitness[index], state.best_score),
+            best_point_scores=jnp.where(improved, scores[index].astype(jnp.float32), state.best_point_scores),
             num_rejected_nonfinite=state.num_rejected_nonfinite + jnp.sum(~valid),
             generation_counter=state.generation_counter + 1,
         )
