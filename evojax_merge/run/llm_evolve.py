@@ -425,6 +425,7 @@ def run_evolve(config: EvolveConfig, run_dir: pathlib.Path, resume: bool = False
             ps_summary = _read_json(ps_summary_path)
         else:
             ps_summary = _ps_stage(config, run_dir / "ps", resume, progress)
+            write_json(ps_summary_path, ps_summary)
         if ps_summary["status"] != "complete":
             summary = {"status": ps_summary["status"], "ps": ps_summary}
         else:
@@ -432,7 +433,8 @@ def run_evolve(config: EvolveConfig, run_dir: pathlib.Path, resume: bool = False
             problem, _ = ps_problem(config, seeds, suite_for(config, seeds.config, seeds.tokenizer))
             ps_model = jax.jit(problem.realise)(jnp.asarray(np.load(run_dir / "ps" / "best_genome.npy")))
             dfs_summary = _dfs_stage(config, run_dir / "dfs", resume, progress,
-                                     extra=("ps_merge", seeds.config, ps_model))
+                                     extra=(str(run_dir / "ps" / "best_model"), seeds.config, ps_model))
+            write_json(run_dir / "dfs" / "summary.json", dfs_summary)
             summary = {"status": dfs_summary["status"], "ps": ps_summary, "dfs": dfs_summary,
                        "best_test": dfs_summary["best_test"], "best_train": dfs_summary["best_train"]}
     summary = {"name": config.name, "search": search, **summary,
