@@ -146,6 +146,7 @@ class EvolveRunConfig:
     checkpoint_every: int = 10  # generations (M2N2: steps) between checkpoints; 0 = never
     out_dir: str = "runs"
     save_model: bool = True  # write the best model (HF folder or path model) into the run directory
+    score_seeds: bool = True  # also score every seed model on the test problems (summary.json "seeds_test")
 
     def validate(self):
         _check(self.log_every >= 1, "run.log_every", "must be >= 1")

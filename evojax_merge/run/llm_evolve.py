@@ -104,8 +104,15 @@ class GenomeProblem:
 
     size: int
     initial: jax.Array  # (size,) mean of the first search distribution
-    realise: Callable[[jax.Array], llama.Params]  # genome -> model parameters (traced)
+    # (genome, data) -> model parameters (traced). The seed weights travel as the argument ``data``
+    # rather than in a closure: a jitted closure would bake them into the program as constants.
+    realise: Callable[[jax.Array, Any], llama.Params]
+    data: Any
     suite: SkillSuite  # built for the realised models' config
+
+    def model(self, genome) -> llama.Params:
+        """The model of one genome, compiled (host use: saving the best)."""
+        return jax.jit(self.realise)(jnp.asarray(genome), self.data)
 
 
 def recipe_space(config: EvolveConfig, seeds: Seeds) -> RecipeSpace:
@@ -128,15 +135,14 @@ def recipe_space(config: EvolveConfig, seeds: Seeds) -> RecipeSpace:
 
 def ps_problem(config: EvolveConfig, seeds: Seeds, suite: SkillSuite) -> tuple[GenomeProblem, RecipeSpace]:
     space = recipe_space(config, seeds)
-    models = stack_trees(*seeds.models)
-    key = jax.random.key(config.ps.merge_seed)
-    base = seeds.base
+    merge_seed = config.ps.merge_seed
 
-    def realise(genome):
-        return merge_genome(space, genome, models, base, key)
+    def realise(genome, data):
+        return merge_genome(space, genome, data["models"], data["base"], jax.random.key(merge_seed))
 
     initial = space.init(**{g: config.ps.init for g in space.genes})
-    return GenomeProblem(space.size, initial, realise, suite), space
+    data = {"models": stack_trees(*seeds.models), "base": seeds.base}
+    return GenomeProblem(space.size, initial, realise, data, suite), space
 
 
 def dfs_space(config: EvolveConfig, pool_configs: list[llama.LlamaConfig]) -> dataflow.DataFlowSpace:
@@ -148,10 +154,10 @@ def dfs_space(config: EvolveConfig, pool_configs: list[llama.LlamaConfig]) -> da
 
 def dfs_problem(config: EvolveConfig, space: dataflow.DataFlowSpace, pool: llama.Params,
                 suite: SkillSuite) -> GenomeProblem:
-    def realise(genome):
+    def realise(genome, pool):
         return dataflow.path_params(pool, space.decode(genome))
 
-    return GenomeProblem(space.size, space.init(), realise, suite)
+    return GenomeProblem(space.size, space.init(), realise, pool, suite)
 
 
 GENOME_METRICS = ("generation", "evaluations", "best_train", "generation_best", "generation_mean",
@@ -166,18 +172,20 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
     suite = problem.suite
     batch_size = min(search_config.batch_size, search.population_size)
 
-    def evaluate(genomes, batches):
-        return jax.lax.map(lambda g: suite.scores(problem.realise(g), batches), genomes, batch_size=batch_size)
+    def evaluate(genomes, batches, data):
+        return jax.lax.map(lambda g: suite.scores(problem.realise(g, data), batches), genomes,
+                           batch_size=batch_size)
 
     @jax.jit
-    def step(state, key, batches):
+    def step(state, key, batches, data):
         key_ask, key_tell = jax.random.split(key)
         genomes, state = search.ask(key_ask, state, params)
-        scores = evaluate(genomes, batches)
+        scores = evaluate(genomes, batches, data)
         state, metrics = search.tell(key_tell, genomes, scores, state, params)
         return state, metrics
 
-    test_scores = jax.jit(lambda genome, batches: suite.scores(problem.realise(genome), batches))
+    scores_of = jax.jit(lambda genome, batches, data: suite.scores(problem.realise(genome, data), batches))
+    test_scores = lambda genome, batches: scores_of(genome, batches, problem.data)  # noqa: E731
     key = jax.random.key(config.run.seed)
     key, key_init = jax.random.split(key)
     state = search.init(key_init, problem.initial, params, num_points=sum(suite.sizes(suite.train)))
@@ -209,7 +217,7 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
             for generation in range(first + 1, generations + 1):
                 last = generation
                 key, key_step = jax.random.split(key)
-                state, metrics = step(state, key_step, suite.train)
+                state, metrics = step(state, key_step, suite.train, problem.data)
                 done += 1
                 h = history
                 h["generation"][generation] = generation
@@ -297,19 +305,21 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
     seeds_flat = jax.vmap(strategy.ravel)(population)
     score_all = jax.vmap(suite.scores, in_axes=(0, None))
 
+    # Seed weights are arguments, not closure constants (which XLA would fold into the program).
     @jax.jit
-    def init(key, batches):
+    def init(key, batches, population):
         return strategy.init(key, population, score_all(population, batches), params)
 
     @jax.jit
-    def warm_step(state, key, batches):
+    def warm_step(state, key, batches, seeds_flat):
         # One child: tell() inserts a leading child axis of any length one child after another.
         key_child, key_tell = jax.random.split(key)
         child = jax.tree.map(lambda x: x[None], strategy.unravel(warmup_child(key_child, seeds_flat)))
         return strategy.tell(key_tell, child, score_all(child, batches), state, params)
 
     @jax.jit
-    def step(state, key, batches):
+    def step(state, key, batches, seeds_flat):
+        del seeds_flat  # the same signature as warm_step
         key_ask, key_tell = jax.random.split(key)
         children, state = strategy.ask(key_ask, state, params)
         return strategy.tell(key_tell, children, score_all(children, batches), state, params)
@@ -317,7 +327,7 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
     test_of_best = jax.jit(lambda state, batches: suite.scores(strategy.best(state)[0], batches))
     key = jax.random.key(config.run.seed)
     key, key_init = jax.random.split(key)
-    state = init(key_init, suite.train)
+    state = init(key_init, suite.train, population)
     history = _history(steps + 1, M2N2_METRICS, suite)
     first = 0
     checkpoints = RunCheckpoints(stage_dir / "checkpoints")
@@ -343,7 +353,7 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
             for i in range(first + 1, steps + 1):
                 key, key_step = jax.random.split(key)
                 in_warmup = i <= warmup
-                state, metrics = (warm_step if in_warmup else step)(state, key_step, suite.train)
+                state, metrics = (warm_step if in_warmup else step)(state, key_step, suite.train, seeds_flat)
                 evaluations = n_seeds + min(i, warmup) + max(i - warmup, 0) * m.children_per_step
                 done += 1 if in_warmup else m.children_per_step
                 _m2n2_row(history, i, evaluations, state, strategy, metrics)
@@ -431,16 +441,35 @@ def run_evolve(config: EvolveConfig, run_dir: pathlib.Path, resume: bool = False
         else:
             seeds = load_seeds(config, need_base=get_method(config.ps.merge_method).needs_base)
             problem, _ = ps_problem(config, seeds, suite_for(config, seeds.config, seeds.tokenizer))
-            ps_model = jax.jit(problem.realise)(jnp.asarray(np.load(run_dir / "ps" / "best_genome.npy")))
+            ps_model = problem.model(np.load(run_dir / "ps" / "best_genome.npy"))
             dfs_summary = _dfs_stage(config, run_dir / "dfs", resume, progress,
                                      extra=(str(run_dir / "ps" / "best_model"), seeds.config, ps_model))
             write_json(run_dir / "dfs" / "summary.json", dfs_summary)
             summary = {"status": dfs_summary["status"], "ps": ps_summary, "dfs": dfs_summary,
                        "best_test": dfs_summary["best_test"], "best_train": dfs_summary["best_train"]}
+    if config.run.score_seeds:
+        summary["seeds_test"] = score_seeds(config)
     summary = {"name": config.name, "search": search, **summary,
                "wall_seconds_total_this_session": round(time.perf_counter() - started, 2)}
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def score_seeds(config: EvolveConfig) -> dict[str, dict[str, float]]:
+    """Test scores of every seed model (and the base), per skill: the baselines a merge must beat."""
+    seeds = load_seeds(config, need_base=False, same_depth=False)
+    names, models = list(seeds.names), list(seeds.models)
+    if config.seeds.base is not None:
+        names.append(config.seeds.base)
+        models.append(hf_io.load_hf_folder(config.seeds.base, DTYPES[config.seeds.dtype])[1])
+    out, compiled = {}, {}
+    for name, model, model_config in zip(names, models, seeds.configs + [seeds.config]):
+        if model_config not in compiled:  # one compilation per architecture, not per model
+            suite = suite_for(config, model_config, seeds.tokenizer)
+            compiled[model_config] = suite, jax.jit(suite.scores)
+        suite, scores = compiled[model_config]
+        out[name] = suite.accuracies(scores(model, suite.test), suite.test)
+    return out
 
 
 def _ps_stage(config: EvolveConfig, stage_dir: pathlib.Path, resume: bool, progress: bool) -> dict:
@@ -452,7 +481,7 @@ def _ps_stage(config: EvolveConfig, stage_dir: pathlib.Path, resume: bool, progr
                                 f"{config.name} (PS)")
     genome = summary.pop("best_genome")
     if config.run.save_model:
-        merged = jax.jit(problem.realise)(jnp.asarray(genome))
+        merged = problem.model(genome)
         hf_io.save_hf_folder(stage_dir / "best_model", seeds.config, merged, seeds.tokenizer)
     genes = {name: np.asarray(v).tolist() for name, v in decode(space, genome).items()}
     _write_recipe(stage_dir / "recipe.yaml", {
