@@ -28,11 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run an experiment config (or resume a run directory)")
-    run.add_argument("config", nargs="?", help="experiment YAML, e.g. experiments/digits/m2n2.yaml")
-    run.add_argument("--out", help="run directory to create (default: run.out_dir/NAME-TIMESTAMP)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_arguments(run, "experiment YAML, e.g. experiments/digits/m2n2.yaml")
     run.add_argument(
         "--distributed", action="store_true",
         help="join a multi-process JAX job first (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID "
@@ -45,16 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--title", default="")
 
     evolve = commands.add_parser("evolve", help="evolve a merge of language models (PS, DFS, PS+DFS, M2N2)")
-    evolve.add_argument("config", nargs="?", help="evolve YAML, e.g. experiments/llm_merge/ps.yaml")
-    evolve.add_argument("--out", help="run directory to create (default: run.out_dir/NAME-TIMESTAMP)")
-    evolve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    evolve.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
-    evolve.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_arguments(evolve, "evolve YAML, e.g. experiments/llm_merge/ps.yaml")
 
     from evojax_merge.merge.cli import add_merge_subparser
 
     add_merge_subparser(commands)
     return parser
+
+
+def _add_run_arguments(command: argparse.ArgumentParser, config_help: str):
+    """The arguments `run` and `evolve` share: a config or a run directory to resume, overrides, output."""
+    command.add_argument("config", nargs="?", help=config_help)
+    command.add_argument("--out", help="run directory to create (default: run.out_dir/NAME-TIMESTAMP)")
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    command.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    command.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,58 +190,26 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
     key, key_init = jax.random.split(key)
     state = search.init(key_init, problem.initial, params, num_points=sum(suite.sizes(suite.train)))
     generations = search_config.generations
-    history = _history(generations + 1, GENOME_METRICS, suite)
-    first = 0
-    checkpoints = RunCheckpoints(stage_dir / "checkpoints")
-    try:
-        if resume and checkpoints.resumable_step() is not None:
-            like = {"state": state, "key": jax.random.key_data(key), "history": history,
-                    "generation": np.int32(0)}
-            _, restored = checkpoints.restore(like)
-            state = restored["state"]
-            history = {k: np.asarray(restored["history"][k]) for k in history}  # keep the column order
-            key, first = jax.random.wrap_key_data(restored["key"]), int(restored["generation"])
-        else:
-            # Generation 0 is the initial mean: the starting point's score is the baseline of the curve.
-            _log_test(history, 0, test_scores(problem.initial, suite.test), suite)
-            for k in ("best_train", "generation_best", "generation_mean"):
-                history[k][0] = np.nan
 
-        def save(generation):
-            checkpoints.save(generation, {"state": state, "key": jax.random.key_data(key), "history": history,
-                                          "generation": np.int32(generation)})
+    def initial_row(history, state):
+        # Row 0 is the initial mean: the starting point's test score is the baseline of the curve.
+        for k in ("best_train", "generation_best", "generation_mean"):
+            history[k][0] = np.nan
 
-        status, started, done, last = "complete", time.perf_counter(), 0, first
-        bar = _bar(progress, generations, first, title)
-        with _StopOnSignal() as stop:
-            for generation in range(first + 1, generations + 1):
-                last = generation
-                key, key_step = jax.random.split(key)
-                state, metrics = step(state, key_step, suite.train, problem.data)
-                done += 1
-                h = history
-                h["generation"][generation] = generation
-                h["evaluations"][generation] = generation * search.population_size
-                h["best_train"][generation] = float(metrics["best_train_score"])
-                h["generation_best"][generation] = float(metrics["generation_best_score"])
-                h["generation_mean"][generation] = float(metrics["generation_mean_score"])
-                h["rejected_nonfinite"][generation] = int(state.num_rejected_nonfinite)
-                if generation % config.run.log_every == 0 or generation == generations:
-                    _log_test(history, generation, test_scores(search.best(state)[0], suite.test), suite)
-                _write_metrics(stage_dir, history, generation, suite)
-                bar.update(1)
-                bar.set_postfix(train=f"{h['best_train'][generation]:.3f}")
-                if stop.requested:
-                    status = "interrupted"
-                    save(generation)
-                    break
-                every = config.run.checkpoint_every
-                if every and (generation % every == 0 or generation == generations):
-                    save(generation)
-        bar.close()
-    finally:
-        checkpoints.close()
-    elapsed = time.perf_counter() - started
+    def step_row(history, g, state, key):
+        state, metrics = step(state, key, suite.train, problem.data)
+        history["generation"][g] = g
+        history["evaluations"][g] = g * search.population_size
+        history["best_train"][g] = float(metrics["best_train_score"])
+        history["generation_best"][g] = float(metrics["generation_best_score"])
+        history["generation_mean"][g] = float(metrics["generation_mean_score"])
+        history["rejected_nonfinite"][g] = int(state.num_rejected_nonfinite)
+        return state, search.population_size
+
+    loop = _run_loop(stage_dir, config, suite, state, key, _history(generations + 1, GENOME_METRICS, suite),
+                     generations, initial_row, step_row, lambda s: test_scores(search.best(s)[0], suite.test),
+                     resume, progress, title)
+    state, history, last = loop.state, loop.history, loop.last
     best_genome, best_score = search.best(state)
     best_genome = np.asarray(best_genome)
     np.save(stage_dir / "best_genome.npy", best_genome)
@@ -249,7 +217,7 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
     final_train = np.asarray(state.best_point_scores)  # the best candidate's scores when it was found
     _plot(stage_dir, history, last, title)
     summary = {
-        "status": status,
+        "status": loop.status,
         "strategy": search.name,
         "population": search.population_size,
         "genome_size": problem.size,
@@ -260,8 +228,7 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
         "best_test": suite.accuracies(final_test, suite.test),
         "initial_test": {name: float(history[f"test_{name}"][0]) for name in (*suite.names, "all")},
         "rejected_nonfinite_candidates": int(state.num_rejected_nonfinite),
-        "wall_seconds_this_session": round(elapsed, 2),
-        "candidates_per_second": round(done * search.population_size / elapsed, 3) if elapsed > 0 else None,
+        **loop.speed(),
     }
     return summary | {"best_genome": best_genome}
 
@@ -328,55 +295,24 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
     key = jax.random.key(config.run.seed)
     key, key_init = jax.random.split(key)
     state = init(key_init, suite.train, population)
-    history = _history(steps + 1, M2N2_METRICS, suite)
-    first = 0
-    checkpoints = RunCheckpoints(stage_dir / "checkpoints")
-    try:
-        if resume and checkpoints.resumable_step() is not None:
-            like = {"state": state, "key": jax.random.key_data(key), "history": history, "step": np.int32(0)}
-            _, restored = checkpoints.restore(like)
-            state = restored["state"]
-            history = {k: np.asarray(restored["history"][k]) for k in history}  # keep the column order
-            key, first = jax.random.wrap_key_data(restored["key"]), int(restored["step"])
-        else:
-            _m2n2_row(history, 0, n_seeds, state, strategy, {"children_accepted": 0})
-            _log_test(history, 0, test_of_best(state, suite.test), suite)
 
-        def save(i):
-            checkpoints.save(i, {"state": state, "key": jax.random.key_data(key), "history": history,
-                                 "step": np.int32(i)})
+    def initial_row(history, state):
+        _m2n2_row(history, 0, n_seeds, state, strategy, {"children_accepted": 0})
 
-        status, started, done = "complete", time.perf_counter(), 0
-        bar = _bar(progress, steps, first, config.name)
-        i = first
-        with _StopOnSignal() as stop:
-            for i in range(first + 1, steps + 1):
-                key, key_step = jax.random.split(key)
-                in_warmup = i <= warmup
-                state, metrics = (warm_step if in_warmup else step)(state, key_step, suite.train, seeds_flat)
-                evaluations = n_seeds + min(i, warmup) + max(i - warmup, 0) * m.children_per_step
-                done += 1 if in_warmup else m.children_per_step
-                _m2n2_row(history, i, evaluations, state, strategy, metrics)
-                if i % config.run.log_every == 0 or i == steps:
-                    _log_test(history, i, test_of_best(state, suite.test), suite)
-                _write_metrics(stage_dir, history, i, suite)
-                bar.update(1)
-                bar.set_postfix(train=f"{history['best_train'][i]:.3f}")
-                if stop.requested:
-                    status = "interrupted"
-                    save(i)
-                    break
-                every = config.run.checkpoint_every
-                if every and (i % every == 0 or i == steps):
-                    save(i)
-        bar.close()
-    finally:
-        checkpoints.close()
-    elapsed = time.perf_counter() - started
+    def step_row(history, i, state, key):
+        in_warmup = i <= warmup
+        state, metrics = (warm_step if in_warmup else step)(state, key, suite.train, seeds_flat)
+        evaluations = n_seeds + min(i, warmup) + max(i - warmup, 0) * m.children_per_step
+        _m2n2_row(history, i, evaluations, state, strategy, metrics)
+        return state, 1 if in_warmup else m.children_per_step
+
+    loop = _run_loop(stage_dir, config, suite, state, key, _history(steps + 1, M2N2_METRICS, suite), steps,
+                     initial_row, step_row, lambda s: test_of_best(s, suite.test), resume, progress, config.name)
+    state, history, i = loop.state, loop.history, loop.last
     best, best_score = strategy.best(state)
     _plot(stage_dir, history, i, config.name)
     summary = {
-        "status": status,
+        "status": loop.status,
         "strategy": "ga" if (m.alpha == 0 and not m.matchmaker) else "m2n2",
         "archive_size": m.archive_size,
         "steps": i,
@@ -386,8 +322,7 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
         "best_test": suite.accuracies(test_of_best(state, suite.test), suite.test),
         "archive_filled": int(np.sum(np.asarray(state.filled))),
         "rejected_nonfinite_candidates": int(state.num_rejected_nonfinite),
-        "wall_seconds_this_session": round(elapsed, 2),
-        "candidates_per_second": round(done / elapsed, 3) if elapsed > 0 else None,
+        **loop.speed(),
     }
     return summary | {"best_params": best}
 
@@ -530,6 +465,73 @@ def _dfs_stage(config: EvolveConfig, stage_dir: pathlib.Path, resume: bool, prog
         "repeats": space.repeats, "max_hops": space.max_hops, "hops": hops,
     })
     return summary
+
+
+# ------------------------------------------------------------------------------------- the loop
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    history: dict[str, np.ndarray]
+    status: str  # "complete" or "interrupted"
+    last: int  # last history row written
+    candidates: int  # candidates evaluated in this session
+    seconds: float  # wall time of this session's steps
+
+    def speed(self) -> dict:
+        return {"wall_seconds_this_session": round(self.seconds, 2),
+                "candidates_per_second": round(self.candidates / self.seconds, 3) if self.seconds > 0 else None}
+
+
+def _run_loop(stage_dir, config: EvolveConfig, suite: SkillSuite, state, key, history, total: int,
+              initial_row, step_row, test_of_best, resume: bool, progress: bool, title: str) -> LoopResult:
+    """Rows 1..total of a search: each ``step_row(history, row, state, key) -> (state, candidates)`` is one
+    compiled step; the best model's test score every ``run.log_every`` rows; metrics.csv rewritten every row;
+    checkpoints every ``run.checkpoint_every`` rows, at the end and on Ctrl-C / SIGTERM (then it stops).
+
+    ``resume`` restores state, key and history from the latest checkpoint in ``stage_dir/checkpoints``;
+    otherwise ``initial_row(history, state)`` fills row 0 and the starting point is tested.
+    """
+    checkpoints = RunCheckpoints(stage_dir / "checkpoints")
+    first = 0
+    try:
+        if resume and checkpoints.resumable_step() is not None:
+            like = {"state": state, "key": jax.random.key_data(key), "history": history, "row": np.int32(0)}
+            _, restored = checkpoints.restore(like)
+            state = restored["state"]
+            history = {k: np.asarray(restored["history"][k]) for k in history}  # keep the column order
+            key, first = jax.random.wrap_key_data(restored["key"]), int(restored["row"])
+        else:
+            initial_row(history, state)
+            _log_test(history, 0, test_of_best(state), suite)
+
+        def save(row):
+            checkpoints.save(row, {"state": state, "key": jax.random.key_data(key), "history": history,
+                                   "row": np.int32(row)})
+
+        status, started, candidates, last = "complete", time.perf_counter(), 0, first
+        bar = _bar(progress, total, first, title)
+        with _StopOnSignal() as stop:
+            for row in range(first + 1, total + 1):
+                last = row
+                key, key_step = jax.random.split(key)
+                state, evaluated = step_row(history, row, state, key_step)
+                candidates += evaluated
+                if row % config.run.log_every == 0 or row == total:
+                    _log_test(history, row, test_of_best(state), suite)
+                _write_metrics(stage_dir, history, row, suite)
+                bar.update(1)
+                bar.set_postfix(train=f"{history['best_train'][row]:.3f}")
+                if stop.requested:
+                    status = "interrupted"
+                    save(row)
+                    break
+                every = config.run.checkpoint_every
+                if every and (row % every == 0 or row == total):
+                    save(row)
+        bar.close()
+    finally:
+        checkpoints.close()
+    return LoopResult(state, history, status, last, candidates, time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------- helpers
