@@ -33,7 +33,7 @@ def seeds(tmp_path_factory):
 
 def _config(tmp_path, seeds, **sections):
     data = {"name": "t", "seeds": {"models": [seeds["specialist_a"], seeds["specialist_b"]], "base": seeds["base"]},
-            "task": FAST_TASK, "run": {"out_dir": str(tmp_path), "checkpoint_every": 1}} | sections
+            "task": FAST_TASK, "run": {"out_dir": str(tmp_path), "checkpoint_every": 1, "score_seeds": False}} | sections
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -58,7 +58,8 @@ def test_warmup_children_are_split_point_merges_of_two_distinct_seeds():
 
 def test_m2n2_run_fills_the_archive_with_warmup_merges_then_evolves(tmp_path, seeds):
     config = load_evolve_config(_config(tmp_path, seeds, search="m2n2",
-                                        m2n2={"archive_size": 4, "warmup": 3, "evaluations": 7}))
+                                        m2n2={"archive_size": 4, "warmup": 3, "evaluations": 7}),
+                                ["run.score_seeds=true"])
     run_dir = tmp_path / "m2n2"
     run_dir.mkdir()
     summary = llm_evolve.run_evolve(config, run_dir, progress=False)
@@ -71,6 +72,8 @@ def test_m2n2_run_fills_the_archive_with_warmup_merges_then_evolves(tmp_path, se
     assert filled[:3] == [2, 3, 4] and accepted[1:3] == [1, 1]
     assert filled[-1] == 4 and summary["archive_filled"] == 4
     assert summary["evaluations"] == 7 and summary["rejected_nonfinite_candidates"] == 0
+    assert set(summary["seeds_test"]) == {seeds["specialist_a"], seeds["specialist_b"], seeds["base"]}
+    assert set(summary["seeds_test"][seeds["base"]]) == {"arithmetic", "list_ops", "all"}
     _, best = hf_io.load_hf_folder(run_dir / "best_model")
     assert jax.tree.structure(best) == jax.tree.structure(tiny_params(0))
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["m2n2"]["archive_size"] == 4
