@@ -6,6 +6,8 @@
     evojax-merge plot --panel TITLE RUN_DIR|LINE.json ... [--panel ...] --out FIGURE.png [--table TABLE.md]
     evojax-merge slerp-line CONFIG.yaml --out LINE.json     (brute-force SLERP between the two seed models)
     evojax-merge merge RECIPE.yaml --out DIR         (Hugging Face checkpoints, mergekit recipes)
+    evojax-merge evolve CONFIG.yaml [--out RUN_DIR] [--set key=value ...]   (LLM merges: PS, DFS, M2N2)
+    evojax-merge evolve --resume RUN_DIR
 
 Errors caused by the input (bad config, missing data, unusable checkpoint) print one line naming the
 problem and exit with status 2; an interrupted run (Ctrl-C) saves a checkpoint and exits with 130.
@@ -28,11 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run an experiment config (or resume a run directory)")
-    run.add_argument("config", nargs="?", help="experiment YAML, e.g. experiments/digits/m2n2.yaml")
-    run.add_argument("--out", help="run directory to create (default: run.out_dir/NAME-TIMESTAMP)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_arguments(run, "experiment YAML, e.g. experiments/digits/m2n2.yaml")
     run.add_argument(
         "--distributed", action="store_true",
         help="join a multi-process JAX job first (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID "
@@ -56,10 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     line.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     line.add_argument("--ratios", type=int, default=1001, help="number of SLERP ratios from 0 to 1 (default 1001)")
 
+    evolve = commands.add_parser("evolve", help="evolve a merge of language models (PS, DFS, PS+DFS, M2N2)")
+    _add_run_arguments(evolve, "evolve YAML, e.g. experiments/llm_merge/ps.yaml")
+
     from evojax_merge.merge.cli import add_merge_subparser
 
     add_merge_subparser(commands)
     return parser
+
+
+def _add_run_arguments(command: argparse.ArgumentParser, config_help: str):
+    """The arguments `run` and `evolve` share: a config or a run directory to resume, overrides, output."""
+    command.add_argument("config", nargs="?", help=config_help)
+    command.add_argument("--out", help="run directory to create (default: run.out_dir/NAME-TIMESTAMP)")
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    command.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    command.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plot(args, parser)
         if args.command == "slerp-line":
             return _slerp_line(args)
+        if args.command == "evolve":
+            return _evolve(args, parser)
         if args.command == "merge":
             from evojax_merge.merge.cli import run_merge
 
@@ -119,6 +131,38 @@ def _run(args, parser) -> int:
     )
     if summary["status"] == "interrupted":
         print(f"interrupted: resume with `evojax-merge run --resume {run_dir}`", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _evolve(args, parser) -> int:
+    from evojax_merge.evolve_config import load_evolve_config
+    from evojax_merge.run.experiment import new_run_dir
+    from evojax_merge.run.llm_evolve import resume_evolve, run_evolve
+
+    if args.resume:
+        if args.config or args.set or args.out:
+            parser.error("--resume takes only the run directory: its config.yaml defines the run")
+        run_dir = pathlib.Path(args.resume)
+        summary = resume_evolve(run_dir, progress=not args.no_progress)
+    else:
+        if not args.config:
+            parser.error("evolve needs a CONFIG.yaml (or --resume RUN_DIR)")
+        config = load_evolve_config(args.config, args.set)
+        run_dir = new_run_dir(config, args.out)
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        try:
+            summary = run_evolve(config, run_dir, progress=not args.no_progress)
+        except EvojaxMergeError:
+            # Failed before computing anything (e.g. a seed folder is missing): leave no empty run behind.
+            if not (run_dir / "metrics.csv").exists() and not (run_dir / "ps" / "metrics.csv").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+    test = summary.get("best_test", {})
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in test.items())
+    print(f"{summary['name']} ({summary['search']}): best model's test scores: {scores}; results in {run_dir}")
+    if summary["status"] == "interrupted":
+        print(f"interrupted: resume with `evojax-merge evolve --resume {run_dir}`", file=sys.stderr)
         return 130
     return 0
 

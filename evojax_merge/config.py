@@ -208,6 +208,11 @@ def _coerce(hint, value, key: str):
 
 def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML config (or the defaults when ``path`` is None), apply ``key.sub=value`` overrides, validate."""
+    return from_dict(ExperimentConfig, read_yaml_with_overrides(path, overrides)).validate()
+
+
+def read_yaml_with_overrides(path: str | pathlib.Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The mapping in a YAML config file (empty when ``path`` is None) with ``key.sub=value`` overrides applied."""
     data: dict[str, Any] = {}
     if path is not None:
         path = pathlib.Path(path)
@@ -230,7 +235,7 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> E
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: '{part}' is not a section")
         node[leaf] = yaml.safe_load(raw)
-    return from_dict(ExperimentConfig, data).validate()
+    return data
 
 
 def dump_config(config: ExperimentConfig) -> str:

@@ -10,6 +10,14 @@ where per-layer TIES/DARE weights and densities are evolved.
 Genes decode like mergekit parameters: densities and ``t`` are clamped to [0, 1], weights may be
 negative unless ``allow_negative_weights=False`` (then clamped at 0).
 
+Two layouts of the parameters are understood: one tensor per layer with the layer index in its name
+(Hugging Face names, ``model.layers.3.mlp.up_proj.weight``), and layer-stacked pytrees (the JAX Llama of
+:mod:`evojax_merge.models.llama`, whose ``layers`` subtree holds every layer on a leading axis): with
+``stacked_layers="layers"`` the method is vmapped over that axis, so every layer still gets its own genes
+and its own TIES threshold / DARE mask, exactly as if the layers were separate tensors. The paper counts
+the embeddings as layers: ``embeddings_as_layers=True`` gives the input embeddings and the output side
+(final norm, head) a group each instead of one shared group outside the layers.
+
 :func:`merge_genome` maps one genome to a merged pytree; it is pure, so :func:`merge_population` vmaps
 it over a population, in chunks of ``batch_size`` genomes via ``lax.map`` so that the merge's
 intermediates (task vectors, masks) exist for at most ``batch_size`` genomes at once. Its result still
@@ -31,6 +39,11 @@ from evojax_merge.errors import ConfigError
 from evojax_merge.merge.names import FAMILIES, tensor_family, tensor_layer
 from evojax_merge.merge.operators import get_method
 from evojax_merge.merge.sparsify import derive_key
+
+# The family of every tensor when genes are per layer only (``per_family=False`` in configs).
+WHOLE_LAYER = ("layer",)
+# Names of input-embedding tensors (the rest of the tensors outside the layers is the output side).
+_INPUT_EMBEDDING = ("embed", "wte", "wpe", "tok_embeddings")
 
 # Gene ranges (lower, upper) applied at decode time; None means unbounded.
 GENE_BOUNDS = {
@@ -59,7 +72,11 @@ class RecipeSpace:
       allow_negative_weights: else weights are clamped at 0.
       options: fixed method options, e.g. (("normalize", True), ("rescale", "density")).
       family_of: maps a tensor path to its family name for models whose parameter names
-        :func:`tensor_family` does not know (default: :func:`tensor_family`).
+        :func:`tensor_family` does not know (default: :func:`tensor_family`; with ``families ==
+        WHOLE_LAYER`` every tensor is in the one family).
+      stacked_layers: name of the subtree whose leaves stack the layers on axis 0 (``"layers"`` for
+        :mod:`evojax_merge.models.llama`), or None when layers are separate tensors.
+      embeddings_as_layers: input embeddings and output side (final norm, head) get a group each.
     """
 
     n_models: int
@@ -71,6 +88,8 @@ class RecipeSpace:
     allow_negative_weights: bool = True
     options: tuple[tuple[str, Any], ...] = ()
     family_of: Callable[[str], str] | None = None
+    stacked_layers: str | None = None
+    embeddings_as_layers: bool = False
 
     def __post_init__(self):
         get_method(self.method)
@@ -81,9 +100,39 @@ class RecipeSpace:
             raise ConfigError("layer_group must be >= 1 and num_layers >= 0")
 
     @property
+    def n_layer_groups(self) -> int:
+        """Groups of consecutive decoder layers."""
+        return math.ceil(self.num_layers / self.layer_group)
+
+    @property
     def n_groups(self) -> int:
-        """Layer groups plus one group for the tensors outside the layers."""
-        return math.ceil(self.num_layers / self.layer_group) + 1
+        """Layer groups plus the group(s) of the tensors outside the layers (one, or input + output)."""
+        return self.n_layer_groups + (2 if self.embeddings_as_layers else 1)
+
+    def outside_group(self, path: str) -> int:
+        """Group of a tensor outside the decoder layers: the input embeddings come first."""
+        if self.embeddings_as_layers and not any(n in path.lower() for n in _INPUT_EMBEDDING):
+            return self.n_layer_groups + 1
+        return self.n_layer_groups
+
+    def family(self, path: str) -> int:
+        """Family index of a tensor, from its name."""
+        if self.families == WHOLE_LAYER and self.family_of is None:
+            return 0
+        family = (self.family_of or tensor_family)(path)
+        if family not in self.families:
+            raise ConfigError(f"tensor {path!r} is in family {family!r}, not in {self.families}")
+        return self.families.index(family)
+
+    def is_stacked(self, path: str) -> bool:
+        """The tensor stacks the layers on axis 0 (it sits under ``stacked_layers``)."""
+        return self.stacked_layers is not None and f"[{self.stacked_layers!r}]" in path
+
+    def layer_groups(self, num_layers: int) -> jax.Array:
+        """Group of each layer 0..num_layers-1 of a stacked tensor."""
+        if num_layers != self.num_layers:
+            raise ConfigError(f"a stacked tensor holds {num_layers} layers, the genome {self.num_layers}")
+        return jnp.arange(num_layers) // self.layer_group
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -98,16 +147,14 @@ class RecipeSpace:
     def slot(self, path: str) -> tuple[int, int]:
         """(group, family) indices of a tensor, from its name."""
         layer = tensor_layer(path)
-        family = (self.family_of or tensor_family)(path)
-        if family not in self.families:
-            raise ConfigError(f"tensor {path!r} is in family {family!r}, not in {self.families}")
+        family = self.family(path)
         if layer is None:
-            group = self.n_groups - 1
+            group = self.outside_group(path)
         else:
             if layer >= self.num_layers:
                 raise ConfigError(f"tensor {path!r} is in layer {layer} >= num_layers {self.num_layers}")
             group = layer // self.layer_group
-        return group, self.families.index(family)
+        return group, family
 
     def init(self, **values: float) -> jax.Array:
         """A genome with every gene set to a constant (e.g. ``init(weight=0.5, density=0.7)``)."""
@@ -163,13 +210,38 @@ def merge_genome(
     base_leaves = [None] * len(flat) if base is None else jax.tree_util.tree_leaves(base)
     out = []
     for i, ((path, leaf), b) in enumerate(zip(flat, base_leaves)):
-        group, family = space.slot(jax.tree_util.keystr(path))
+        name = jax.tree_util.keystr(path)
+        if space.is_stacked(name):
+            out.append(_merge_stacked(space, method, genes, options, name, leaf, b, derive_key(key, i)))
+            continue
+        group, family = space.slot(name)
         params = dict(options)
-        for name, value in genes.items():
+        for gene, value in genes.items():
             per_leaf = value[:, group, family]  # [N]
-            params[name] = per_leaf if name in method.per_model else per_leaf[0]
+            params[gene] = per_leaf if gene in method.per_model else per_leaf[0]
         out.append(method.fn(leaf, b, key=derive_key(key, i), **params))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _merge_stacked(space, method, genes, options, name, leaf, base, key):
+    """One layer-stacked tensor ([N, L, ...] models, [L, ...] base): the method vmapped over layers.
+
+    Layer l gets the genes of its group and the key ``derive_key(key, l)``, so each layer is merged
+    exactly as a separate tensor would be (its own TIES threshold, its own DARE mask).
+    """
+    groups = space.layer_groups(leaf.shape[1])
+    family = space.family(name)
+    per_layer = {}
+    for gene, value in genes.items():
+        values = value[:, groups, family]  # [N, L]
+        per_layer[gene] = values.T if gene in method.per_model else values[0]  # [L, N] or [L]
+    layer_keys = jax.vmap(lambda l: jax.random.key_data(derive_key(key, l)))(jnp.arange(leaf.shape[1]))
+    impl = jax.random.key_impl(key)
+
+    def one_layer(models_l, base_l, key_l, params_l):
+        return method.fn(models_l, base_l, key=jax.random.wrap_key_data(key_l, impl=impl), **options, **params_l)
+
+    return jax.vmap(one_layer, in_axes=(1, None if base is None else 0, 0, 0))(leaf, base, layer_keys, per_layer)
 
 
 def merge_population(

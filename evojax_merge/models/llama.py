@@ -28,6 +28,11 @@ depth) and so data-flow merging can pick layer ``i`` of a model by indexing.
 
 Everything is a pure function of ``(params, inputs)`` with the config static: ``jax.vmap`` over a
 population of parameter pytrees, or shard them, without changing this file.
+
+Data-flow (layer-path) models of :mod:`evojax_merge.merge.dataflow` are this same pytree with one more
+entry, ``"hops": {"scale": (L,), "active": (L,) bool}``: layer ``l`` then sees its input multiplied by
+``scale[l]``, and an inactive layer passes the hidden state through unchanged (a masked hop), so paths of
+any length up to L run in one compiled program, with a key/value cache per hop when generating.
 """
 
 from __future__ import annotations
@@ -190,6 +195,27 @@ class LlamaConfig:
         return shapes
 
 
+# What two models must share for their layers to be interchangeable (a layer path through both, a merge).
+LAYER_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "rms_norm_eps", "rope_theta", "rope_type", "rope_factor", "sliding_window", "model_type")
+# ... and what they must also share to be merged tensor by tensor.
+MODEL_FIELDS = LAYER_FIELDS + ("num_hidden_layers", "vocab_size", "tie_word_embeddings")
+
+
+def check_same_architecture(configs: list[LlamaConfig], names: list[str], same_depth: bool = True) -> None:
+    """Raise ConfigError naming the first model and field that differ from the first model.
+
+    ``same_depth=False`` compares only what layers need to be exchanged between models (data-flow paths).
+    """
+    fields = MODEL_FIELDS if same_depth else LAYER_FIELDS
+    for config, name in zip(configs[1:], names[1:]):
+        for f in fields:
+            if getattr(config, f) != getattr(configs[0], f):
+                raise ConfigError(
+                    f"seed models have different architectures: {name} has {f}={getattr(config, f)!r}, "
+                    f"{names[0]} has {getattr(configs[0], f)!r}")
+
+
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Random parameters (normal(0, std) weights, unit norms), the Hugging Face initialisation."""
     shapes = config.param_shapes
@@ -337,6 +363,18 @@ def decoder_layer(config: LlamaConfig, p: Params, x: jax.Array, cos, sin, bias, 
     return x, cache
 
 
+def hop_layer(config: LlamaConfig, p: Params, x: jax.Array, cos, sin, bias, hop=None, cache=None,
+              cache_index=None):
+    """A decoder layer as one hop of a layer path: input scaled by ``hop["scale"]``, skipped when
+    ``hop["active"]`` is False (hidden state and cache unchanged). ``hop=None``: the plain layer."""
+    if hop is None:
+        return decoder_layer(config, p, x, cos, sin, bias, cache, cache_index)
+    y, new_cache = decoder_layer(config, p, x * hop["scale"].astype(x.dtype), cos, sin, bias, cache,
+                                 cache_index)
+    keep = lambda new, old: jnp.where(hop["active"], new, old)  # noqa: E731
+    return keep(y, x), (None if cache is None else jax.tree_util.tree_map(keep, new_cache, cache))
+
+
 # ----------------------------------------------------------------------------------------- model
 def kernel_layout(layers: Params) -> Params:
     """Layer weights as the matmuls want them: ``qkv`` ((H + 2G) * K, D) and ``gate_up`` (2F, D).
@@ -377,10 +415,11 @@ def hidden_states(params: Params, input_ids: jax.Array, attention_mask: jax.Arra
     cos, sin = rope_cos_sin(config, position_ids, x.dtype)
     bias = attention_bias(config, jnp.arange(input_ids.shape[1]), attention_mask.astype(bool))
 
-    def step(x, layer):
-        return decoder_layer(config, kernel_layout(layer), x, cos, sin, bias)[0], None
+    def step(x, layer_and_hop):
+        layer, hop = layer_and_hop
+        return hop_layer(config, kernel_layout(layer), x, cos, sin, bias, hop)[0], None
 
-    x, _ = jax.lax.scan(step, x, params["layers"])
+    x, _ = jax.lax.scan(step, x, (params["layers"], params.get("hops")))
     return rms_norm(x, params["norm"], config.rms_norm_eps)
 
 
@@ -436,17 +475,19 @@ def _cached_forward(params, config, tokens, positions, key_valid, cache, cache_i
     x = params["embed_tokens"][tokens]
     cos, sin = rope_cos_sin(config, positions, x.dtype)
     bias = attention_bias(config, cache_index + jnp.arange(tokens.shape[1]), key_valid)
+    hops = params.get("hops")
     if isinstance(params["layers"], list):
         new_cache = []
-        for layer, kv in zip(params["layers"], cache):
-            x, kv = decoder_layer(config, layer, x, cos, sin, bias, kv, cache_index)
+        for i, (layer, kv) in enumerate(zip(params["layers"], cache)):
+            hop = None if hops is None else jax.tree_util.tree_map(lambda a: a[i], hops)
+            x, kv = hop_layer(config, layer, x, cos, sin, bias, hop, kv, cache_index)
             new_cache.append(kv)
     else:
         def step(x, layer_and_cache):
-            layer, k, v = layer_and_cache
-            return decoder_layer(config, layer, x, cos, sin, bias, (k, v), cache_index)
+            layer, hop, k, v = layer_and_cache
+            return hop_layer(config, layer, x, cos, sin, bias, hop, (k, v), cache_index)
 
-        x, new_cache = jax.lax.scan(step, x, (params["layers"], *cache))
+        x, new_cache = jax.lax.scan(step, x, (params["layers"], hops, *cache))
     h = rms_norm(x[:, -1], params["norm"], config.rms_norm_eps)  # only the last position is needed
     return lm_head(params, h, config), new_cache
 

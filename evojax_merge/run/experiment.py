@@ -21,8 +21,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
-from evojax_merge.config import ExperimentConfig, dump_config, load_config
+from evojax_merge.config import ExperimentConfig, load_config
 from evojax_merge.data import load_dataset
 from evojax_merge.errors import CheckpointError, ConfigError
 from evojax_merge.models.mlp import MLP
@@ -70,8 +71,11 @@ def _seed_training(config: ExperimentConfig, model: MLP, train_labels):
     return lambda models, train: specialist_seed_models(model.logits, models, train, membership, steps, lr)
 
 
-def new_run_dir(config: ExperimentConfig, out: str | None) -> pathlib.Path:
-    """Create the run directory up front (``out`` if given, else ``run.out_dir/NAME-TIMESTAMP``)."""
+def new_run_dir(config, out: str | None) -> pathlib.Path:
+    """Create the run directory up front (``out`` if given, else ``run.out_dir/NAME-TIMESTAMP``).
+
+    ``config`` is any config with ``name``, ``run.out_dir`` and ``to_dict()`` (experiments, evolve runs).
+    """
     if out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = pathlib.Path(config.run.out_dir) / f"{config.name}-{stamp}"
@@ -81,7 +85,7 @@ def new_run_dir(config: ExperimentConfig, out: str | None) -> pathlib.Path:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} exists and is not empty; use --resume {run_dir} to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", dump_config(config))
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run_dir
 
 

@@ -1,0 +1,98 @@
+"""Several LM skills scored as one task: per-data-point scores concatenated over the skills.
+
+An evolutionary merge of specialists is scored on all of their skills at once (math and list
+manipulation, math and agent tasks, ...). A :class:`SkillSuite` holds each skill's train and test
+batches and its scorer (:mod:`evojax_merge.tasks.lm`); :meth:`SkillSuite.scores` returns one score per
+data point of every skill, in skill order, so M2N2's competition sees each problem as a resource and
+CMA-ES's fitness (the mean) weighs every problem equally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from evojax_merge.data.synthetic_text import make_splits
+from evojax_merge.errors import ConfigError
+from evojax_merge.models import llama
+from evojax_merge.tasks import lm
+
+KINDS = ("exact_match", "prefix_match", "loglik", "choice")
+PROMPT_FORMATS = {"plain": lambda p: p, "chatml": lm.chatml}
+
+
+@dataclasses.dataclass(frozen=True)
+class SkillSpec:
+    """One skill of the suite: generated data and how it is scored."""
+
+    skill: str  # a name of evojax_merge.data.synthetic_text.SKILLS
+    kind: str = "exact_match"
+    n_train: int = 64
+    n_test: int = 128
+    data_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SkillSuite:
+    """Skills with their batches (``train`` / ``test``: one batch dict per skill) and scorers."""
+
+    names: tuple[str, ...]
+    scorers: tuple[Callable, ...]
+    train: tuple[dict, ...]
+    test: tuple[dict, ...]
+
+    def scores(self, params: Any, batches: Sequence[dict]) -> jnp.ndarray:
+        """Per-data-point scores of every skill, concatenated (N_1 + N_2 + ...,); traceable."""
+        return jnp.concatenate([score(params, b) for score, b in zip(self.scorers, batches)])
+
+    def sizes(self, batches: Sequence[dict]) -> list[int]:
+        return [int(np.shape(b["input_ids"])[0]) for b in batches]
+
+    def accuracies(self, scores: np.ndarray, batches: Sequence[dict]) -> dict[str, float]:
+        """Mean score per skill and over all points (``all``) from a concatenated score row."""
+        scores = np.asarray(scores, np.float64)
+        out, start = {}, 0
+        for name, n in zip(self.names, self.sizes(batches)):
+            out[name] = float(scores[start:start + n].mean())
+            start += n
+        out["all"] = float(scores.mean())
+        return out
+
+
+def build_suite(skills: Sequence[SkillSpec], tokenizer, config: llama.LlamaConfig, *, prompt_format: str = "plain",
+                max_new_tokens: int = 16, scan_layers: bool = True) -> SkillSuite:
+    """Generates every skill's data (seeded, offline) and builds its batches and scorer.
+
+    Raises:
+      ConfigError: unknown kind or prompt format, no skills, a skill listed twice.
+    """
+    if not skills:
+        raise ConfigError("the task needs at least one skill")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"unknown prompt_format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
+    names = [s.skill for s in skills]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a skill is listed twice: {names}")
+    fmt = PROMPT_FORMATS[prompt_format]
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    scorers, train, test = [], [], []
+    for s in skills:
+        if s.kind not in KINDS:
+            raise ConfigError(f"unknown LM task kind {s.kind!r} for skill {s.skill!r}; known: {KINDS}")
+        train_examples, test_examples = make_splits(s.skill, s.n_train, s.n_test, s.data_seed)
+        train.append(_batch(s.kind, tokenizer, train_examples, pad, fmt))
+        test.append(_batch(s.kind, tokenizer, test_examples, pad, fmt))
+        scorers.append(lm.make_scorer(s.kind, config, tokenizer, max_new_tokens=max_new_tokens,
+                                      pad_token_id=pad, scan_layers=scan_layers))
+    return SkillSuite(tuple(names), tuple(scorers), tuple(train), tuple(test))
+
+
+def _batch(kind, tokenizer, examples, pad, fmt) -> dict:
+    if kind in ("exact_match", "prefix_match"):
+        return lm.generation_batch(tokenizer, examples, pad, prompt_format=fmt)
+    if kind == "loglik":
+        return lm.loglik_batch(tokenizer, [fmt(e.prompt) for e in examples], [e.answer for e in examples], pad)
+    return lm.choice_batch(tokenizer, examples, pad, prompt_format=fmt)
