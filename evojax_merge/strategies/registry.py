@@ -27,11 +27,20 @@ def build_m2n2(s: StrategyConfig, template):
     return strategy, Params(alpha=s.alpha, mutation_std=s.mutation_std)
 
 
-BUILDERS = {"m2n2": build_m2n2}
+def build_evosax(s: StrategyConfig, template):
+    from evojax_merge.strategies.evosax_adapter import build_evosax as build
+
+    return build(s, template)
+
+
+# "evosax:<ClassName>" names (any evosax strategy) are served by build_evosax too, see build_strategy.
+BUILDERS = {"m2n2": build_m2n2, "cma_es": build_evosax, "sep_cma_es": build_evosax}
 
 
 def build_strategy(s: StrategyConfig, template):
     """The strategy object and its dynamic parameters for ``s.name`` over parameter pytree ``template``."""
+    if s.is_evosax:
+        return build_evosax(s, template)
     try:
         builder = BUILDERS[s.name]
     except KeyError:
