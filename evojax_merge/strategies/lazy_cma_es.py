@@ -10,8 +10,10 @@ from an earlier decomposition for several generations. :class:`LazyCMA_ES` is ev
 that change only: C is still updated every generation (rank-one and rank-mu), while B and D (and the
 symmetrised, diagonally loaded C evosax writes back on a decomposition) are recomputed when at least
 ``decomposition_gap`` generations have passed since the last one. With ``decomposition_gap=1`` it is
-evosax's ``CMA_ES`` generation by generation (``tests/test_lazy_cma_es.py``); the one difference, at
-generation 0, is that C = I is already decomposed (B = I, D = 1), as in pycma, instead of decomposing it.
+evosax's ``CMA_ES`` generation by generation up to rounding (``tests/test_lazy_cma_es.py``, in float64):
+C = I at generation 0 is taken as already decomposed (B = I, D = 1, as in pycma) instead of being
+decomposed with evosax's 1e-8 diagonal loading, and samples are ``(z * D) @ B^T`` rather than evosax's
+``(z @ diag(D)) @ B^T``, which builds an N x N diagonal matrix and multiplies by it.
 
 The default gap is pycma's ``1 / ((c_1 + c_mu) * N * 10)`` generations (option ``updatecovwait``; pycma
 decomposes in ``ask`` once ``generation - last >= gap``, i.e. every ceil(gap) generations). For the
