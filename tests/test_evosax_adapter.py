@@ -114,3 +114,16 @@ def test_runner_counts_every_population_member_as_a_forward_pass(tmp_path):
     # best() is the best so far: its training accuracy never decreases.
     assert np.all(np.diff(metrics["train_accuracy"], axis=0) >= 0)
     assert np.all(metrics["train_accuracy"][-1] > metrics["train_accuracy"][0])
+
+
+def test_evosax_settings_round_trip_through_the_resolved_config(tmp_path):
+    from evojax_merge.config import dump_config
+
+    config = load_config(
+        "experiments/digits/cma_es.yaml",
+        ["strategy.evosax_options={decomposition_gap: 7}", "strategy.evosax_params={std_min: 1}"],
+    )
+    assert config.strategy.evosax_params == {"std_min": 1.0} and isinstance(config.strategy.evosax_params["std_min"], float)
+    (tmp_path / "c.yaml").write_text(dump_config(config))
+    assert load_config(tmp_path / "c.yaml") == config
+    assert config.strategy.evaluations_per_step == 20
