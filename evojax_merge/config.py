@@ -65,14 +65,33 @@ class StrategyConfig:
         default_factory=lambda: [[1, 3, 5, 7, 9], [0, 2, 4, 6, 8]]
     )
     grid_bins: int = 10
+    # evosax strategies (cma_es, sep_cma_es, evosax:<ClassName>); see strategies/evosax_adapter.py.
+    population_size: int = 20  # candidates per generation, each one forward pass (the paper's CMA-ES: 20)
+    sigma_init: float | None = 0.01  # initial step size (the paper's sigma0); null = the strategy's default
+    evosax_params: dict[str, float] = dataclasses.field(default_factory=dict)  # overrides of its Params fields
+    evosax_options: dict[str, int | float | bool | str] = dataclasses.field(default_factory=dict)  # constructor kwargs
+
+    @property
+    def is_evosax(self) -> bool:
+        return self.name in EVOSAX_STRATEGIES or self.name.startswith(EVOSAX_PREFIX)
+
+    @property
+    def evaluations_per_step(self) -> int:
+        """Forward passes one generation costs: the whole population of an evosax strategy, else the children."""
+        return self.population_size if self.is_evosax else self.children_per_step
 
     def validate(self):
-        _check(self.name in STRATEGIES, "strategy.name", f"must be one of {sorted(STRATEGIES)}")
-        _check(self.archive_size >= 2, "strategy.archive_size", "must be >= 2")
         _check(
-            1 <= self.num_seed_models <= self.archive_size,
+            self.name in STRATEGIES or self.name.startswith(EVOSAX_PREFIX),
+            "strategy.name",
+            f"must be one of {sorted(STRATEGIES)} or '{EVOSAX_PREFIX}<ClassName>' (any evosax strategy)",
+        )
+        _check(self.archive_size >= 2, "strategy.archive_size", "must be >= 2")
+        limit_name, limit = ("population_size", self.population_size) if self.is_evosax else ("archive_size", self.archive_size)
+        _check(
+            1 <= self.num_seed_models <= limit,
             "strategy.num_seed_models",
-            f"must be between 1 and archive_size ({self.archive_size})",
+            f"must be between 1 and {limit_name} ({limit})",
         )
         _check(self.alpha >= 0, "strategy.alpha", "must be >= 0")
         _check(self.mutation_std >= 0, "strategy.mutation_std", "must be >= 0")
@@ -85,6 +104,10 @@ class StrategyConfig:
             f"gives grid_bins ** {len(self.descriptor_class_groups)} cells, more than {MAX_GRID_CELLS:,} "
             "(every cell holds a whole model)",
         )
+        if self.is_evosax:
+            from evojax_merge.strategies.evosax_adapter import validate_evosax_config
+
+            validate_evosax_config(self)
 
 
 @dataclasses.dataclass
@@ -113,8 +136,9 @@ class RunConfig:
             "run.forward_passes",
             f"must exceed the {strategy.num_seed_models} evaluations of the seed models",
         )
-        k = strategy.children_per_step
-        _check(self.log_every > 0 and self.log_every % k == 0, "run.log_every", f"must be a positive multiple of children_per_step ({k})")
+        k = strategy.evaluations_per_step
+        what = "population_size" if strategy.is_evosax else "children_per_step"
+        _check(self.log_every > 0 and self.log_every % k == 0, "run.log_every", f"must be a positive multiple of {what} ({k})")
         _check(
             self.checkpoint_every > 0 and self.checkpoint_every % self.log_every == 0,
             "run.checkpoint_every",
@@ -149,7 +173,9 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-STRATEGIES = ("m2n2", "map_elites")
+EVOSAX_STRATEGIES = ("cma_es", "sep_cma_es")  # lazy full CMA-ES and evosax's Sep-CMA-ES
+EVOSAX_PREFIX = "evosax:"  # "evosax:SNES", "evosax:Open_ES", ...: any strategy evosax exports
+STRATEGIES = ("m2n2", "map_elites", *EVOSAX_STRATEGIES)
 MAX_GRID_CELLS = 10_000
 
 
@@ -188,8 +214,21 @@ def _coerce(hint, value, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, key)
+        for option in inner:  # a union of scalars (e.g. int | float | bool | str): the first that fits exactly
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                pass
+        names = " or ".join(a.__name__ for a in inner)
+        raise ConfigError(f"config key '{key}' must be of type {names}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        key_type, value_type = args
+        return {_coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")

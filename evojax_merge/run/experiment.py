@@ -97,7 +97,7 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     test = (jnp.asarray(data.test.x * scale), jnp.asarray(data.test.y))
     evolution = build_evolution(config, data.num_features, data.num_classes, data.train.y)
     schedule = log_schedule(
-        config.run.forward_passes, config.strategy.num_seed_models, config.strategy.children_per_step, config.run.log_every
+        config.run.forward_passes, config.strategy.num_seed_models, config.strategy.evaluations_per_step, config.run.log_every
     )
     seeds = config.run.seeds
     num_logs = len(schedule) + 1

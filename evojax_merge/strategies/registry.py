@@ -51,7 +51,14 @@ def build_map_elites(s: StrategyConfig, template, train_labels=None):
     return strategy, Params(mutation_std=s.mutation_std)
 
 
-BUILDERS = {"m2n2": build_m2n2, "map_elites": build_map_elites}
+def build_evosax(s: StrategyConfig, template, train_labels=None):
+    from evojax_merge.strategies.evosax_adapter import build_evosax as build
+
+    return build(s, template)
+
+
+# "evosax:<ClassName>" names (any evosax strategy) are served by build_evosax too, see build_strategy.
+BUILDERS = {"m2n2": build_m2n2, "map_elites": build_map_elites, "cma_es": build_evosax, "sep_cma_es": build_evosax}
 
 
 def build_strategy(s: StrategyConfig, template, train_labels=None):
@@ -60,6 +67,8 @@ def build_strategy(s: StrategyConfig, template, train_labels=None):
     ``train_labels`` (the training set's integer labels) is needed by strategies whose descriptor depends
     on the data (MAP-Elites).
     """
+    if s.is_evosax:
+        return build_evosax(s, template)
     try:
         builder = BUILDERS[s.name]
     except KeyError:

@@ -1,0 +1,231 @@
+"""Any evosax strategy inside our runner: per-data-point scores in, evosax's minimised fitness out.
+
+Config names (``strategy.name``):
+- ``cma_es``: full-covariance CMA-ES with a lazy eigendecomposition (:class:`LazyCMA_ES`; its gap is
+  ``evosax_options: {decomposition_gap: k}``, default pycma's; 1 is evosax's ``CMA_ES`` exactly).
+- ``sep_cma_es``: evosax's ``Sep_CMA_ES`` (diagonal covariance, O(N) per sample).
+- ``evosax:<ClassName>``: any strategy evosax exports (``evosax:SNES``, ``evosax:Open_ES``,
+  ``evosax:SimpleGA`` ...), by its class name or its key in ``evosax.algorithms.algorithms``.
+
+What the adapter does:
+- Fitness: a candidate's fitness is its mean per-data-point score (training accuracy for classification),
+  negated, because evosax minimises. A candidate with any NaN/inf score is ranked worst: its fitness is
+  set to one unit above the worst finite fitness of its generation (for accuracies, which span [0, 1],
+  below every possible finite score) and counted in ``rejected_nonfinite``; no NaN/inf reaches the
+  evosax state. If a whole generation is non-finite the strategy state is left unchanged.
+- Start: distribution-based strategies (CMA-ES family, NES, OpenES ...) start their search distribution
+  at the one evaluated seed model (``num_seed_models: 1``) with step size ``sigma_init``; the paper's
+  CMA-ES (pycma) starts at a random N(0, 0.01^2) model with sigma0 = 0.01 and population 20. pycma does
+  not evaluate x0; here the seed costs one forward pass of the budget (a 50,000-pass run has 2,499
+  generations of 20 instead of 2,500). Population-based strategies (GA, DE, PSO ...) start from a whole
+  evaluated population: ``num_seed_models`` must equal ``population_size``.
+- Cost: every population member is one forward pass, so the runner's evaluations per generation are
+  ``population_size`` (``StrategyConfig.evaluations_per_step``).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from evojax_merge.errors import ConfigError
+
+CMA_ES_NAME, SEP_CMA_ES_NAME, EVOSAX_PREFIX = "cma_es", "sep_cma_es", "evosax:"
+
+
+@struct.dataclass
+class State:
+    inner: object  # the evosax strategy's own state (evosax layout: flat solutions, minimised fitness)
+    num_rejected_nonfinite: jax.Array  # candidates whose scores held a NaN or infinity
+
+
+class EvosaxStrategy:
+    """An evosax strategy behind the runner's contract (per-data-point scores, ``best``, ``counters``).
+
+    Args:
+      strategy: an evosax ``EvolutionaryAlgorithm`` (distribution- or population-based).
+    """
+
+    def __init__(self, strategy):
+        from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
+
+        self.strategy = strategy
+        self.population_size = strategy.population_size
+        self.population_based = isinstance(strategy, PopulationBasedAlgorithm)
+
+    @property
+    def default_params(self):
+        return self.strategy.default_params
+
+    def init(self, key: jax.Array, population, scores: jax.Array, params) -> State:
+        """Start from the evaluated seed models (leading axis n; n = 1 for distribution-based strategies)."""
+        fitness, rejected = scores_to_fitness(scores)
+        if self.population_based:
+            inner = self.strategy.init(key, population, fitness, params)
+        else:
+            mean = jax.tree.map(lambda x: x[0], population)
+            inner = self.strategy.init(key, mean, params)
+            # The seed was evaluated: it is the best solution so far until a candidate beats it.
+            inner = inner.replace(
+                best_solution=self.strategy._ravel_solution(mean),
+                best_fitness=jnp.where(rejected[0], jnp.inf, fitness[0]),
+            )
+        return State(inner=_strong_types(inner), num_rejected_nonfinite=jnp.sum(rejected).astype(jnp.int32))
+
+    def ask(self, key: jax.Array, state: State, params):
+        """``population_size`` candidates (a pytree with a leading candidate axis) and the state."""
+        population, inner = self.strategy.ask(key, state.inner, params)
+        return population, state.replace(inner=inner)
+
+    def tell(self, key: jax.Array, population, scores: jax.Array, state: State, params):
+        """Update the evosax state with the candidates' fitness; returns (state, metrics)."""
+        fitness, rejected = scores_to_fitness(scores)
+        inner, _ = self.strategy.tell(key, population, fitness, state.inner, params)
+        # A generation with no finite score carries no information: keep the previous state.
+        any_finite = ~jnp.all(rejected)
+        inner = jax.tree.map(lambda new, old: jnp.where(any_finite, new, old), _strong_types(inner), state.inner)
+        state = State(inner=inner, num_rejected_nonfinite=state.num_rejected_nonfinite + jnp.sum(rejected))
+        metrics = {
+            "best_train_score_in_generation": jnp.max(jnp.where(rejected, -jnp.inf, -fitness)),
+            "best_train_score": -inner.best_fitness,
+            "rejected_nonfinite": jnp.sum(rejected),
+        }
+        return state, metrics
+
+    def best(self, state: State):
+        """(parameter pytree, mean training score) of the best candidate evaluated so far.
+
+        This is what the paper's CMA-ES curve reports: its script logs the test accuracy of pycma's
+        ``result.xbest``, the best solution evaluated so far by training accuracy (not the mean).
+        """
+        inner = state.inner
+        return self.strategy._unravel_solution(inner.best_solution), -inner.best_fitness
+
+    def counters(self, state: State) -> dict[str, jax.Array]:
+        """``archive_filled``: solutions kept (the population of a population-based strategy, else 0)."""
+        kept = self.population_size if self.population_based else 0
+        return {"archive_filled": jnp.int32(kept), "rejected_nonfinite": state.num_rejected_nonfinite}
+
+
+def scores_to_fitness(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """evosax fitness (minimised) of per-data-point scores (higher is better), and the rejected mask.
+
+    Args:
+      scores: (population, num_points).
+    Returns:
+      fitness (population,) = -mean score, with candidates holding any NaN/inf ranked worst (one unit
+      above the worst finite fitness); rejected (population,) bool.
+    """
+    rejected = ~jnp.all(jnp.isfinite(scores), axis=1)
+    fitness = -jnp.mean(jnp.where(rejected[:, None], 0.0, scores), axis=1)
+    worst_finite = jnp.max(jnp.where(rejected, -jnp.inf, fitness))
+    worst = jnp.where(jnp.isfinite(worst_finite), worst_finite, 0.0) + 1.0
+    return jnp.where(rejected, worst, fitness), rejected
+
+
+def _strong_types(tree):
+    # evosax initialises some fields from Python scalars (generation_counter=0, best_fitness=inf): give
+    # every leaf a concrete dtype so the state has the same types before and after a scan step.
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), tree)
+
+
+# ---------------------------------------------------------------------------------------- building
+def evosax_classes() -> dict[str, type]:
+    """Every strategy evosax exports, by its key in ``evosax.algorithms.algorithms`` and by class name."""
+    from evosax.algorithms import algorithms
+
+    out = dict(algorithms)
+    out.update({cls.__name__: cls for cls in algorithms.values()})
+    return out
+
+
+def strategy_class(name: str):
+    """The strategy class of config name ``name`` (``cma_es``, ``sep_cma_es`` or ``evosax:<ClassName>``)."""
+    if name == CMA_ES_NAME:
+        from evojax_merge.strategies.lazy_cma_es import LazyCMA_ES
+
+        return LazyCMA_ES
+    if name == SEP_CMA_ES_NAME:
+        from evosax.algorithms import Sep_CMA_ES
+
+        return Sep_CMA_ES
+    if not name.startswith(EVOSAX_PREFIX):
+        raise ConfigError(f"config key 'strategy.name': {name!r} is not an evosax strategy name")
+    classes = evosax_classes()
+    class_name = name.removeprefix(EVOSAX_PREFIX)
+    if class_name not in classes:
+        raise ConfigError(
+            f"config key 'strategy.name': evosax has no strategy {class_name!r}; known: {', '.join(sorted(classes))}"
+        )
+    return classes[class_name]
+
+
+def _constructor_options(cls) -> dict[str, inspect.Parameter]:
+    signature = inspect.signature(cls.__init__)
+    return {k: p for k, p in signature.parameters.items() if k not in ("self", "population_size", "solution")}
+
+
+def validate_evosax_config(s) -> None:
+    """Check an evosax ``StrategyConfig`` without building the strategy; ConfigError names the bad key."""
+    from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
+
+    cls = strategy_class(s.name)
+    if s.population_size < 2:
+        raise ConfigError(f"config key 'strategy.population_size' must be >= 2, got {s.population_size}")
+    if s.sigma_init is not None and not s.sigma_init > 0:
+        raise ConfigError(f"config key 'strategy.sigma_init' must be > 0 (or null), got {s.sigma_init}")
+    options = _constructor_options(cls)
+    unknown = sorted(set(s.evosax_options) - set(options))
+    if unknown:
+        raise ConfigError(
+            f"config key 'strategy.evosax_options': {cls.__name__} takes no argument {unknown[0]!r}; "
+            f"it takes: {', '.join(options) or 'none'}"
+        )
+    if issubclass(cls, PopulationBasedAlgorithm):
+        if s.num_seed_models != s.population_size:
+            raise ConfigError(
+                f"config key 'strategy.num_seed_models' must equal population_size ({s.population_size}) for "
+                f"{cls.__name__}: a population-based strategy starts from a whole evaluated population"
+            )
+    elif s.num_seed_models != 1:
+        raise ConfigError(
+            f"config key 'strategy.num_seed_models' must be 1 for {cls.__name__}: the search distribution starts "
+            f"at one seed model"
+        )
+
+
+def build_evosax(s, template):
+    """(EvosaxStrategy, evosax params) for an evosax ``StrategyConfig`` over parameter pytree ``template``."""
+    validate_evosax_config(s)
+    cls = strategy_class(s.name)
+    kwargs = dict(s.evosax_options)
+    solution = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
+    params_probe = None
+    if s.sigma_init is not None and "std_schedule" in _constructor_options(cls):
+        import optax
+
+        kwargs["std_schedule"] = optax.constant_schedule(s.sigma_init)
+    try:
+        inner = cls(s.population_size, solution, **kwargs)
+        params_probe = inner.default_params
+    except (AssertionError, TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'strategy': evosax {cls.__name__} refused these settings: {e}") from e
+    fields = getattr(params_probe, "__dataclass_fields__", {})
+    unknown = sorted(set(s.evosax_params) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"config key 'strategy.evosax_params': {cls.__name__}'s Params has no field {unknown[0]!r}; "
+            f"fields: {', '.join(fields)}"
+        )
+    overrides = {k: jnp.asarray(v, jnp.asarray(getattr(params_probe, k)).dtype) for k, v in s.evosax_params.items()}
+    if s.sigma_init is not None:
+        if "std_init" in fields:
+            overrides.setdefault("std_init", jnp.asarray(s.sigma_init, jnp.float32))
+        elif "std_schedule" not in kwargs:
+            raise ConfigError(
+                f"config key 'strategy.sigma_init': {cls.__name__} has no initial step size; set it to null"
+            )
+    return EvosaxStrategy(inner), params_probe.replace(**overrides)

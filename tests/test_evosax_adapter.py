@@ -1,0 +1,129 @@
+"""evosax strategies by name: config checks, scores -> minimised fitness, NaN handling, best(), budget."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evojax_merge.config import load_config
+from evojax_merge.errors import ConfigError
+from evojax_merge.run import experiment
+from evojax_merge.strategies.evosax_adapter import scores_to_fitness
+from evojax_merge.strategies.lazy_cma_es import LazyCMA_ES
+from evojax_merge.strategies.registry import build_strategy
+
+TEMPLATE = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}  # 9 parameters
+
+
+def strategy_config(*overrides):
+    return load_config("experiments/digits/sep_cma_es.yaml", list(overrides)).strategy
+
+
+def test_scores_become_negated_mean_and_nonfinite_rows_rank_worst():
+    scores = jnp.array([[1.0, 1.0, 0.0, 0.0], [1.0, jnp.nan, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0], [jnp.inf, 0, 0, 0]])
+    fitness, rejected = scores_to_fitness(scores)
+    # Worst finite fitness is -0.25; rejected rows get one unit more.
+    np.testing.assert_allclose(fitness, [-0.5, 0.75, -0.25, 0.75])
+    np.testing.assert_array_equal(rejected, [False, True, False, True])
+    fitness, rejected = scores_to_fitness(jnp.full((2, 3), jnp.nan))
+    assert np.all(np.isfinite(fitness)) and np.all(rejected)
+
+
+def test_names_build_the_right_strategies():
+    cma, params = build_strategy(strategy_config("strategy.name=cma_es"), TEMPLATE)
+    assert isinstance(cma.strategy, LazyCMA_ES) and float(params.std_init) == pytest.approx(0.01)
+    gap1, _ = build_strategy(strategy_config("strategy.name=cma_es", "strategy.evosax_options={decomposition_gap: 1}"), TEMPLATE)
+    assert gap1.strategy.decomposition_gap == 1
+    sep, _ = build_strategy(strategy_config(), TEMPLATE)
+    assert type(sep.strategy).__name__ == "Sep_CMA_ES" and sep.population_size == 20
+    snes, params = build_strategy(strategy_config("strategy.name=evosax:SNES", "strategy.population_size=10"), TEMPLATE)
+    assert type(snes.strategy).__name__ == "SNES" and snes.population_size == 10
+    _, params = build_strategy(strategy_config("strategy.evosax_params={std_min: 0.001}"), TEMPLATE)
+    assert float(params.std_min) == pytest.approx(0.001)
+    # sigma_init is the mutation std of strategies that take a std schedule (SimpleGA).
+    config = strategy_config("strategy.name=evosax:SimpleGA", "strategy.num_seed_models=20", "strategy.sigma_init=0.05")
+    ga, params = build_strategy(config, TEMPLATE)
+    assert float(ga.strategy.std_schedule(0)) == pytest.approx(0.05) and ga.population_based
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["strategy.name=evosax:NoSuchES"], "evosax has no strategy 'NoSuchES'; known: .*Sep_CMA_ES"),
+        (["strategy.name=cmaes"], "'strategy.name' must be one of"),
+        (["strategy.evosax_params={std_init_typo: 1.0}"], "Params has no field 'std_init_typo'; fields: .*std_init"),
+        (["strategy.evosax_params={std_min: fast}"], "'strategy.evosax_params.std_min' must be of type float"),
+        (["strategy.evosax_options={gap: 3}"], "Sep_CMA_ES takes no argument 'gap'"),
+        (["strategy.name=cma_es", "strategy.evosax_options={decomposition_gap: 0}"], "refused these settings.*decomposition_gap"),
+        (["strategy.num_seed_models=2"], "'strategy.num_seed_models' must be 1 for Sep_CMA_ES"),
+        (["strategy.name=evosax:SimpleGA", "strategy.sigma_init=null"], "must equal population_size"),
+        (["strategy.name=evosax:PSO", "strategy.num_seed_models=20"], "PSO has no initial step size"),
+        (["strategy.population_size=1"], "'strategy.population_size' must be >= 2"),
+        (["strategy.sigma_init=0"], "'strategy.sigma_init' must be > 0"),
+        (["run.log_every=510"], "'run.log_every' must be a positive multiple of population_size \\(20\\)"),
+    ],
+)
+def test_bad_evosax_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config = load_config("experiments/digits/sep_cma_es.yaml", overrides)
+        build_strategy(config.strategy, TEMPLATE)
+
+
+def test_tell_maximises_mean_score_and_keeps_nans_out_of_the_state():
+    strategy, params = build_strategy(strategy_config("strategy.name=cma_es", "strategy.population_size=4"), TEMPLATE)
+    seed = jax.tree.map(lambda x: jnp.full((1, *x.shape), 0.5), TEMPLATE)
+    state = strategy.init(jax.random.PRNGKey(0), seed, jnp.array([[1.0, 0.0, 0.0, 0.0]]), params)
+    _, seed_score = strategy.best(state)
+    assert float(seed_score) == pytest.approx(0.25)  # the evaluated seed is the best so far
+
+    children, state = strategy.ask(jax.random.PRNGKey(1), state, params)
+    scores = jnp.array([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0], [jnp.nan, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    state, metrics = strategy.tell(jax.random.PRNGKey(2), children, scores, state, params)
+    best, best_score = strategy.best(state)
+    assert float(best_score) == pytest.approx(0.75)  # child 1: the highest mean score, not the lowest
+    jax.tree.map(lambda b, c: np.testing.assert_array_equal(b, c[1]), best, children)
+    assert int(strategy.counters(state)["rejected_nonfinite"]) == 1
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.inner))
+    # The mean moved towards the better children: closer to child 1 than to child 3.
+    mean = state.inner.mean
+    flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+    child = lambda i: flat(jax.tree.map(lambda x: x[i], children))
+    assert float(jnp.linalg.norm(mean - child(1))) < float(jnp.linalg.norm(mean - child(3)))
+
+    # A generation with no finite score leaves the state as it was, except the counter.
+    children, state = strategy.ask(jax.random.PRNGKey(3), state, params)
+    before = state  # (ask may have re-decomposed C)
+    state, _ = strategy.tell(jax.random.PRNGKey(4), children, jnp.full((4, 4), jnp.nan), state, params)
+    for name in ("mean", "C", "std", "p_std", "p_c", "best_solution", "best_fitness"):
+        np.testing.assert_array_equal(getattr(state.inner, name), getattr(before.inner, name))
+    assert int(strategy.counters(state)["rejected_nonfinite"]) == 5
+
+
+def test_runner_counts_every_population_member_as_a_forward_pass(tmp_path):
+    config = load_config(
+        "experiments/digits/sep_cma_es.yaml",
+        ["model.hidden_sizes=[8]", "run.forward_passes=130", "run.log_every=40", "run.checkpoint_every=40",
+         "run.seeds=[5, 6]", "strategy.population_size=10", "strategy.sigma_init=0.1"],
+    )
+    run_dir = experiment.new_run_dir(config, tmp_path / "sep")
+    summary = experiment.run_experiment(config, run_dir, progress=False)
+    metrics = experiment.read_metrics(run_dir)
+    # 1 seed evaluation, then generations of 10: (130 - 1) // 10 = 12 generations, logged every 4.
+    np.testing.assert_array_equal(metrics["forward_passes"][:, 0], [1, 41, 81, 121])
+    assert summary["forward_passes_per_seed"] == 121
+    # best() is the best so far: its training accuracy never decreases.
+    assert np.all(np.diff(metrics["train_accuracy"], axis=0) >= 0)
+    assert np.all(metrics["train_accuracy"][-1] > metrics["train_accuracy"][0])
+
+
+def test_evosax_settings_round_trip_through_the_resolved_config(tmp_path):
+    from evojax_merge.config import dump_config
+
+    config = load_config(
+        "experiments/digits/cma_es.yaml",
+        ["strategy.evosax_options={decomposition_gap: 7}", "strategy.evosax_params={std_min: 1}"],
+    )
+    assert config.strategy.evosax_params == {"std_min": 1.0} and isinstance(config.strategy.evosax_params["std_min"], float)
+    (tmp_path / "c.yaml").write_text(dump_config(config))
+    assert load_config(tmp_path / "c.yaml") == config
+    assert config.strategy.evaluations_per_step == 20

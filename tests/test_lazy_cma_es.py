@@ -1,0 +1,125 @@
+"""Lazy-decomposition CMA-ES: equal to evosax's CMA_ES at gap 1, decomposes only on the gap, still optimises."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from evosax.algorithms import CMA_ES
+
+from evojax_merge.strategies.lazy_cma_es import LazyCMA_ES, decompose_if_due
+
+
+def sphere(x):
+    return jnp.sum(x**2, axis=-1)
+
+
+def test_gap_one_equals_evosax_cma_es_generation_by_generation():
+    # In float64: in float32 the sampling product rounds differently from evosax's z @ diag(D) and, while
+    # C is near the identity (near-equal eigenvalues), eigh turns last-bit differences into a different
+    # but equally valid eigenbasis, so samples part ways after a few generations.
+    with jax.enable_x64(True):
+        _compare_with_evosax()
+
+
+def _compare_with_evosax():
+    num_dims, population_size = 6, 8
+    mean0 = jnp.linspace(-1.0, 1.0, num_dims)
+    ours, theirs = LazyCMA_ES(population_size, mean0, decomposition_gap=1), CMA_ES(population_size, mean0)
+    params = theirs.default_params.replace(std_init=jnp.asarray(0.5))
+    key = jax.random.PRNGKey(0)
+    state_ours = ours.init(key, mean0, params)
+    state_theirs = theirs.init(key, mean0, params)
+    for generation in range(15):
+        key, key_ask, key_tell = jax.random.split(key, 3)
+        x_ours, state_ours = ours.ask(key_ask, state_ours, params)
+        x_theirs, state_theirs = theirs.ask(key_ask, state_theirs, params)
+        np.testing.assert_allclose(x_ours, x_theirs, rtol=1e-6, atol=1e-7, err_msg=f"population, generation {generation}")
+        state_ours, _ = ours.tell(key_tell, x_ours, sphere(x_ours), state_ours, params)
+        state_theirs, _ = theirs.tell(key_tell, x_theirs, sphere(x_theirs), state_theirs, params)
+        for field in ("mean", "C", "std", "p_std", "p_c", "B", "D"):
+            np.testing.assert_allclose(
+                getattr(state_ours, field), getattr(state_theirs, field), rtol=1e-6, atol=1e-7,
+                err_msg=f"{field}, generation {generation}",
+            )
+    # The run moved: the comparison is not between two idle states.
+    assert float(sphere(state_ours.mean)) < 0.5 * float(sphere(mean0))
+
+
+def test_gap_five_decomposes_only_on_the_gap_and_still_optimises_the_sphere():
+    num_dims, population_size, gap = 10, 10, 5
+    mean0 = jnp.full((num_dims,), 3.0)
+    strategy = LazyCMA_ES(population_size, mean0, decomposition_gap=gap)
+    params = strategy.default_params.replace(std_init=jnp.asarray(1.0))
+
+    def generation(state, key):
+        key_ask, key_tell = jax.random.split(key)
+        x, state = strategy.ask(key_ask, state, params)
+        state, _ = strategy.tell(key_tell, x, sphere(x), state, params)
+        return state, (state.B, state.D)
+
+    state = strategy.init(jax.random.PRNGKey(1), mean0, params)
+    state, (B, D) = jax.lax.scan(generation, state, jax.random.split(jax.random.PRNGKey(2), 300))
+    # B, D after the ask of generation g (g = 0, 1, ...): new only where g is a positive multiple of the gap.
+    changed = np.concatenate([[False], np.any(np.asarray(D[1:]) != np.asarray(D[:-1]), axis=1)])
+    changed_b = np.concatenate([[False], np.any(np.asarray(B[1:]) != np.asarray(B[:-1]), axis=(1, 2))])
+    expected = np.array([g > 0 and g % gap == 0 for g in range(300)])
+    np.testing.assert_array_equal(changed, expected)
+    np.testing.assert_array_equal(changed_b, expected)
+    assert int(state.last_decomposition) == 295
+    assert float(sphere(state.mean)) < 1e-6 * float(sphere(mean0))
+
+
+def test_default_gap_is_pycmas_formula_for_the_digits_mlp():
+    # Hansen's tutorial (arXiv 1604.00772, eqs. 8, 57, 58) for lambda = 20, mu = 10, N = 19,210.
+    n, lam = 19_210, 20
+    w = np.log((lam + 1) / 2) - np.log(np.arange(1, lam // 2 + 1))
+    mu_eff = w.sum() ** 2 / (w**2).sum()
+    c_1 = 2 / ((n + 1.3) ** 2 + mu_eff)
+    c_mu = min(1 - c_1, 2 * (mu_eff - 2 + 1 / mu_eff) / ((n + 2) ** 2 + mu_eff))
+    expected = math.ceil(1 / ((c_1 + c_mu) * n * 10))
+    assert expected == 189
+    assert LazyCMA_ES(lam, jnp.zeros(n)).decomposition_gap == expected
+
+
+@pytest.mark.parametrize("gap", [0, -3, 2.5])
+def test_bad_gap_is_refused(gap):
+    with pytest.raises(ValueError, match="decomposition_gap"):
+        LazyCMA_ES(4, jnp.zeros(3), decomposition_gap=gap)
+
+
+def test_vmapped_runs_equal_single_runs_and_keep_the_decomposition_conditional():
+    num_dims, population_size = 5, 6
+    strategy = LazyCMA_ES(population_size, jnp.zeros(num_dims), decomposition_gap=3)
+    params = strategy.default_params
+
+    def run(seed):
+        key = jax.random.PRNGKey(seed)
+        state = strategy.init(key, jnp.full((num_dims,), 2.0), params)
+
+        def generation(state, key):
+            x, state = strategy.ask(key, state, params)
+            state, _ = strategy.tell(key, x, sphere(x), state, params)
+            return state, None
+
+        return jax.lax.scan(generation, state, jax.random.split(key, 10))[0]
+
+    batched = jax.jit(jax.vmap(run))(jnp.arange(3))
+    for i in range(3):
+        single = jax.jit(run)(i)
+        # float32: a batched matmul rounds differently from an unbatched one.
+        np.testing.assert_allclose(batched.C[i], single.C, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(batched.mean[i], single.mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(batched.last_decomposition[i], single.last_decomposition)
+
+    # Under vmap a plain lax.cond with a batched predicate becomes a select (both branches run); the
+    # custom batching rule keeps an HLO conditional around the eigendecomposition.
+    due = jnp.array([True, False])
+    C = jnp.stack([jnp.eye(4)] * 2)
+    D = jnp.ones((2, 4))
+    lowered = jax.jit(jax.vmap(decompose_if_due)).lower(due, C, C, D).as_text()
+    plain = jax.jit(
+        jax.vmap(lambda d, c, b, dd: jax.lax.cond(d, lambda: (c, jnp.linalg.eigh(c)[1], dd), lambda: (c, b, dd)))
+    ).lower(due, C, C, D).as_text()
+    assert "case" in lowered and "case" not in plain
