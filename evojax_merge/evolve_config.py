@@ -49,7 +49,7 @@ class SeedsConfig:
 @dataclasses.dataclass
 class SkillConfig:
     skill: str = "arithmetic"  # evojax_merge.data.synthetic_text.SKILLS
-    kind: str = "exact_match"  # exact_match | prefix_match | loglik | choice
+    kind: str = "exact_match"  # exact_match | prefix_match | answer_match | loglik | choice
     n_train: int = 64
     n_test: int = 128
     data_seed: int = 0
