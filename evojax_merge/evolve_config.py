@@ -10,6 +10,11 @@ written into the run directory. ``search`` picks the method:
 - ``m2n2``: M2N2 over the flattened parameters (GA: ``alpha: 0, matchmaker: false``), section ``m2n2``.
 
 The CMA-ES-over-SLERP baseline is ``ps`` with ``merge_method: slerp, genes: [t]``.
+
+Seeds and tasks come either from a seeds manifest (``seeds.manifest``: the ``seeds.json`` that
+:func:`evojax_merge.train.lm_seeds.build_seeds` writes; ``seeds.models`` / ``seeds.base`` are then its
+model keys, and ``task.from_manifest: true`` scores on its ``fitness`` and ``test`` splits with its scorer
+kinds and generation lengths), or from explicit folders and task data generated from ``task.skills``.
 """
 
 from __future__ import annotations
@@ -26,22 +31,25 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass
 class SeedsConfig:
-    # Fine-tuned Hugging Face folders; the first is model A (tokenizer; embeddings and head for DFS).
+    # A seeds.json (lm_seeds.build_seeds); null: ``models`` and ``base`` are Hugging Face folders.
+    manifest: str | None = None
+    # Fine-tuned models (manifest keys or folders); the first is model A (tokenizer; embeddings and head for DFS).
     models: list[str] = dataclasses.field(default_factory=lambda: ["runs/llm_seeds/specialist_a",
                                                                    "runs/llm_seeds/specialist_b"])
-    base: str | None = "runs/llm_seeds/base"  # base model of task-vector methods (TIES, DARE, ...)
+    # Base model of task-vector methods (TIES, DARE, ...): a manifest key or a folder; null: none.
+    base: str | None = "runs/llm_seeds/base"
     dtype: str = "float32"
 
     def validate(self):
-        _check(len(self.models) >= 1, "seeds.models", "must list at least one model folder")
-        _check(len(set(self.models)) == len(self.models), "seeds.models", "must not repeat a folder")
+        _check(len(self.models) >= 1, "seeds.models", "must list at least one model")
+        _check(len(set(self.models)) == len(self.models), "seeds.models", "must not repeat a model")
         _check(self.dtype in DTYPES, "seeds.dtype", f"must be one of {DTYPES}")
 
 
 @dataclasses.dataclass
 class SkillConfig:
     skill: str = "arithmetic"  # evojax_merge.data.synthetic_text.SKILLS
-    kind: str = "exact_match"  # exact_match | prefix_match | loglik | choice
+    kind: str = "exact_match"  # exact_match | prefix_match | answer_match | loglik | choice
     n_train: int = 64
     n_test: int = 128
     data_seed: int = 0
@@ -49,6 +57,13 @@ class SkillConfig:
 
 @dataclasses.dataclass
 class TaskConfig:
+    # true: the seeds manifest's skills, their fitness split (training problems) and test split, scorer
+    # kinds, generation lengths and prompt format; ``skills``, ``prompt_format`` and ``max_new_tokens``
+    # below then do not apply.
+    from_manifest: bool = False
+    n_fitness: int | None = None  # from_manifest: the first n of each skill's fitness split; null: all
+    n_test: int | None = None  # from_manifest: the first n of each skill's test split; null: all
+    # Otherwise: data generated per skill (evojax_merge.data.synthetic_text).
     skills: list[SkillConfig] = dataclasses.field(default_factory=lambda: [
         SkillConfig("arithmetic", "exact_match"), SkillConfig("list_ops", "prefix_match")])
     prompt_format: str = "plain"  # plain | chatml (instruct models)
@@ -60,6 +75,8 @@ class TaskConfig:
         for i, s in enumerate(self.skills):
             _check(s.n_train >= 1 and s.n_test >= 1, f"task.skills[{i}]", "needs n_train >= 1 and n_test >= 1")
         _check(self.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")
+        _check(self.n_fitness is None or self.n_fitness >= 1, "task.n_fitness", "must be >= 1 (or null)")
+        _check(self.n_test is None or self.n_test >= 1, "task.n_test", "must be >= 1 (or null)")
 
 
 @dataclasses.dataclass
@@ -173,7 +190,9 @@ class EvolveConfig:
         self.dfs.validate()
         self.m2n2.validate()
         self.run.validate()
-        if self.search == "m2n2":
+        _check(not self.task.from_manifest or self.seeds.manifest is not None, "task.from_manifest",
+               "needs seeds.manifest (the seeds.json whose fitness and test splits it reads)")
+        if self.search == "m2n2" and not self.task.from_manifest:
             # Competition divides by the archive's total score per point: it needs scores >= 0.
             kinds = [s.kind for s in self.task.skills]
             _check("loglik" not in kinds, "task.skills", "cannot use kind 'loglik' (negative scores) with search "

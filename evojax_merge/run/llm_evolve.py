@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from evojax_merge.errors import CheckpointError, ConfigError
+from evojax_merge.errors import CheckpointError, ConfigError, DataError
 from evojax_merge.evolve_config import EvolveConfig, SearchConfig, load_evolve_config
 from evojax_merge.merge import dataflow
 from evojax_merge.merge.crossover import split_point_crossover
@@ -50,7 +50,8 @@ from evojax_merge.run.experiment import _StopOnSignal
 from evojax_merge.run.files import write_atomic, write_csv, write_json
 from evojax_merge.run.plot import plot_curves
 from evojax_merge.strategies.evosax_search import EvosaxSearch
-from evojax_merge.tasks.lm_suite import SkillSpec, SkillSuite, build_suite
+from evojax_merge.tasks.lm_suite import GivenSkill, SkillSpec, SkillSuite, build_suite, suite_from_examples
+from evojax_merge.train.lm_seeds import SeedManifest
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -71,6 +72,28 @@ class Seeds:
         return self.configs[0]
 
 
+def manifest_of(config: EvolveConfig) -> SeedManifest:
+    """The seeds manifest ``seeds.manifest`` names; ConfigError naming the key when it cannot be read."""
+    try:
+        return SeedManifest.read(config.seeds.manifest)
+    except DataError as e:
+        raise ConfigError(f"config key 'seeds.manifest': {e}") from None
+
+
+def seed_folders(config: EvolveConfig) -> tuple[list[str], str | None]:
+    """The seed models' folders (model A first) and the base's (or None): ``seeds.models`` / ``seeds.base``
+    as folders, or as keys of the manifest when ``seeds.manifest`` is set.
+
+    Raises:
+      ConfigError: an unreadable manifest, or a key it does not hold (naming the keys it does).
+    """
+    if config.seeds.manifest is None:
+        return list(config.seeds.models), config.seeds.base
+    manifest = manifest_of(config)
+    base = None if config.seeds.base is None else manifest.folder(config.seeds.base)
+    return [manifest.folder(k) for k in config.seeds.models], base
+
+
 def load_seeds(config: EvolveConfig, need_base: bool, same_depth: bool = True) -> Seeds:
     """Reads the seed folders (and the base when ``need_base``), checking their architectures agree.
 
@@ -79,19 +102,31 @@ def load_seeds(config: EvolveConfig, need_base: bool, same_depth: bool = True) -
       DataError: a missing or malformed folder.
     """
     dtype = DTYPES[config.seeds.dtype]
-    names = list(config.seeds.models)
+    names, base_folder = seed_folders(config)
     loaded = [hf_io.load_hf_folder(n, dtype) for n in names]
     base = None
     if need_base:
-        if config.seeds.base is None:
+        if base_folder is None:
             raise ConfigError(f"config key 'seeds.base' is needed by merge method {config.ps.merge_method!r}")
-        base_config, base = hf_io.load_hf_folder(config.seeds.base, dtype)
-        llama.check_same_architecture([loaded[0][0], base_config], [names[0], config.seeds.base])
+        base_config, base = hf_io.load_hf_folder(base_folder, dtype)
+        llama.check_same_architecture([loaded[0][0], base_config], [names[0], base_folder])
     llama.check_same_architecture([c for c, _ in loaded], names, same_depth=same_depth)
     return Seeds(names, [c for c, _ in loaded], [p for _, p in loaded], base, hf_io.load_tokenizer(names[0]))
 
 
 def suite_for(config: EvolveConfig, model_config: llama.LlamaConfig, tokenizer) -> SkillSuite:
+    """The task: the manifest's fitness (training problems) and test splits when ``task.from_manifest``,
+    else data generated from ``task.skills``."""
+    task = config.task
+    if task.from_manifest:
+        manifest = manifest_of(config)
+        try:
+            fitness, test = manifest.tasks("fitness", task.n_fitness), manifest.tasks("test", task.n_test)
+        except DataError as e:
+            raise ConfigError(f"config keys 'task.n_fitness' / 'task.n_test': {e}") from None
+        skills = [GivenSkill(f.name, f.kind, f.examples, t.examples, f.max_new_tokens) for f, t in zip(fitness, test)]
+        return suite_from_examples(skills, tokenizer, model_config, prompt_format=manifest.prompt_format,
+                                   scan_layers=task.scan_layers)
     skills = [SkillSpec(s.skill, s.kind, s.n_train, s.n_test, s.data_seed) for s in config.task.skills]
     return build_suite(skills, tokenizer, model_config, prompt_format=config.task.prompt_format,
                        max_new_tokens=config.task.max_new_tokens, scan_layers=config.task.scan_layers)
@@ -394,9 +429,10 @@ def score_seeds(config: EvolveConfig) -> dict[str, dict[str, float]]:
     """Test scores of every seed model (and the base), per skill: the baselines a merge must beat."""
     seeds = load_seeds(config, need_base=False, same_depth=False)
     names, models = list(seeds.names), list(seeds.models)
-    if config.seeds.base is not None:
-        names.append(config.seeds.base)
-        models.append(hf_io.load_hf_folder(config.seeds.base, DTYPES[config.seeds.dtype])[1])
+    base_folder = seed_folders(config)[1]
+    if base_folder is not None:
+        names.append(base_folder)
+        models.append(hf_io.load_hf_folder(base_folder, DTYPES[config.seeds.dtype])[1])
     out, compiled = {}, {}
     for name, model, model_config in zip(names, models, seeds.configs + [seeds.config]):
         if model_config not in compiled:  # one compilation per architecture, not per model
@@ -414,13 +450,14 @@ def _ps_stage(config: EvolveConfig, stage_dir: pathlib.Path, resume: bool, progr
     problem, space = ps_problem(config, seeds, suite)
     summary = run_genome_search(stage_dir, problem, config.ps.search, config, resume, progress,
                                 f"{config.name} (PS)")
+    base_folder = seed_folders(config)[1]
     genome = summary.pop("best_genome")
     if config.run.save_model:
         merged = problem.model(genome)
         hf_io.save_hf_folder(stage_dir / "best_model", seeds.config, merged, seeds.tokenizer)
     genes = {name: np.asarray(v).tolist() for name, v in decode(space, genome).items()}
     _write_recipe(stage_dir / "recipe.yaml", {
-        "search": "ps", "merge_method": space.method, "models": seeds.names, "base_model": config.seeds.base,
+        "search": "ps", "merge_method": space.method, "models": seeds.names, "base_model": base_folder,
         "layout": {"axes": ["model", "group", "family"], "families": list(space.families),
                    "groups": [f"layers {g * space.layer_group}-"
                               f"{min((g + 1) * space.layer_group, space.num_layers) - 1}"
@@ -430,7 +467,7 @@ def _ps_stage(config: EvolveConfig, stage_dir: pathlib.Path, resume: bool, progr
         "genes": genes, "options": dict(space.options), "merge_seed": config.ps.merge_seed,
     })
     mergekit = to_mergekit(space, genome, [str(pathlib.Path(n).resolve()) for n in seeds.names],
-                           None if config.seeds.base is None else str(pathlib.Path(config.seeds.base).resolve()),
+                           None if base_folder is None else str(pathlib.Path(base_folder).resolve()),
                            dtype=config.seeds.dtype, random_seed=config.ps.merge_seed)
     _write_recipe(stage_dir / "mergekit.yaml", mergekit)
     return summary

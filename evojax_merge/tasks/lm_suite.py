@@ -20,7 +20,7 @@ from evojax_merge.errors import ConfigError
 from evojax_merge.models import llama
 from evojax_merge.tasks import lm
 
-KINDS = ("exact_match", "prefix_match", "loglik", "choice")
+KINDS = ("exact_match", "prefix_match", "answer_match", "loglik", "choice")
 PROMPT_FORMATS = {"plain": lambda p: p, "chatml": lm.chatml}
 
 
@@ -69,11 +69,36 @@ def build_suite(skills: Sequence[SkillSpec], tokenizer, config: llama.LlamaConfi
     Raises:
       ConfigError: unknown kind or prompt format, no skills, a skill listed twice.
     """
+    given = []
+    for s in skills:
+        train, test = make_splits(s.skill, s.n_train, s.n_test, s.data_seed)
+        given.append(GivenSkill(s.skill, s.kind, tuple(train), tuple(test), max_new_tokens))
+    return suite_from_examples(given, tokenizer, config, prompt_format=prompt_format, scan_layers=scan_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class GivenSkill:
+    """One skill with its examples already chosen (e.g. a seeds manifest's fitness and test splits)."""
+
+    name: str
+    kind: str
+    train: tuple  # TextExample: every candidate is scored on these (the fitness)
+    test: tuple  # TextExample: held out, scored for the best model only
+    max_new_tokens: int
+
+
+def suite_from_examples(skills: Sequence[GivenSkill], tokenizer, config: llama.LlamaConfig, *,
+                        prompt_format: str = "plain", scan_layers: bool = True) -> SkillSuite:
+    """Builds every skill's batches and scorer from the given examples.
+
+    Raises:
+      ConfigError: unknown kind or prompt format, no skills, a skill listed twice.
+    """
     if not skills:
         raise ConfigError("the task needs at least one skill")
     if prompt_format not in PROMPT_FORMATS:
         raise ConfigError(f"unknown prompt_format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
-    names = [s.skill for s in skills]
+    names = [s.name for s in skills]
     if len(set(names)) != len(names):
         raise ConfigError(f"a skill is listed twice: {names}")
     fmt = PROMPT_FORMATS[prompt_format]
@@ -81,17 +106,16 @@ def build_suite(skills: Sequence[SkillSpec], tokenizer, config: llama.LlamaConfi
     scorers, train, test = [], [], []
     for s in skills:
         if s.kind not in KINDS:
-            raise ConfigError(f"unknown LM task kind {s.kind!r} for skill {s.skill!r}; known: {KINDS}")
-        train_examples, test_examples = make_splits(s.skill, s.n_train, s.n_test, s.data_seed)
-        train.append(_batch(s.kind, tokenizer, train_examples, pad, fmt))
-        test.append(_batch(s.kind, tokenizer, test_examples, pad, fmt))
-        scorers.append(lm.make_scorer(s.kind, config, tokenizer, max_new_tokens=max_new_tokens,
+            raise ConfigError(f"unknown LM task kind {s.kind!r} for skill {s.name!r}; known: {KINDS}")
+        train.append(_batch(s.kind, tokenizer, s.train, pad, fmt))
+        test.append(_batch(s.kind, tokenizer, s.test, pad, fmt))
+        scorers.append(lm.make_scorer(s.kind, config, tokenizer, max_new_tokens=s.max_new_tokens,
                                       pad_token_id=pad, scan_layers=scan_layers))
     return SkillSuite(tuple(names), tuple(scorers), tuple(train), tuple(test))
 
 
 def _batch(kind, tokenizer, examples, pad, fmt) -> dict:
-    if kind in ("exact_match", "prefix_match"):
+    if kind in ("exact_match", "prefix_match", "answer_match"):
         return lm.generation_batch(tokenizer, examples, pad, prompt_format=fmt)
     if kind == "loglik":
         return lm.loglik_batch(tokenizer, [fmt(e.prompt) for e in examples], [e.answer for e in examples], pad)

@@ -163,18 +163,63 @@ def accuracy_table(accuracy: dict[str, dict[str, float]], skills, n_test: int) -
     return head + rows + f"\nExact match (%) on {n_test} held-out test examples per skill.\n"
 
 
+@dataclasses.dataclass(frozen=True)
+class SeedManifest:
+    """A read ``seeds.json``: model folders by key, and per skill its scorer kind, generation length and
+    data files (``train`` / ``fitness`` / ``test``). Paths in the file are relative to its folder."""
+
+    path: pathlib.Path
+    data: dict
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "SeedManifest":
+        """Reads ``path`` (the seeds.json file, or the folder holding it).
+
+        Raises:
+          DataError: no such file, or not a manifest (no ``models`` / ``tasks``).
+        """
+        path = pathlib.Path(path)
+        if path.is_dir():
+            path = path / "seeds.json"
+        if not path.is_file():
+            raise DataError(f"no seeds.json manifest at {path}: build the seeds first (make_seeds.py)")
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not isinstance(
+                data.get("tasks"), dict):
+            raise DataError(f"{path} is not a seeds manifest (needs 'models' and 'tasks')")
+        return cls(path, data)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.data["models"])
+
+    def folder(self, key: str) -> str:
+        """The Hugging Face folder of model ``key``; ConfigError naming the known keys otherwise."""
+        if key not in self.data["models"]:
+            raise ConfigError(f"model {key!r} is not in {self.path}; known: {self.keys}")
+        return str(self.path.parent / self.data["models"][key])
+
+    @property
+    def prompt_format(self) -> str:
+        return self.data.get("prompt_format", "plain")
+
+    def tasks(self, split: str, limit: int | None = None) -> list[EvalTask]:
+        """One task per skill on ``split`` (its first ``limit`` examples; DataError when it has fewer)."""
+        tasks = []
+        for skill, t in self.data["tasks"].items():
+            if split not in t:
+                raise DataError(f"{self.path}: task {skill!r} has no split {split!r}")
+            examples = read_jsonl(self.path.parent / t[split])
+            if limit is not None and limit > len(examples):
+                raise DataError(f"{self.path}: {limit} {split} examples asked of skill {skill!r}, "
+                                f"its split has {len(examples)}")
+            tasks.append(EvalTask(skill, t["kind"], tuple(examples[:limit]), t["max_new_tokens"]))
+        return tasks
+
+
 def load_seed_tasks(seeds_dir: str | os.PathLike, split: str) -> list[EvalTask]:
     """The tasks of a :func:`build_seeds` directory on ``split`` ("fitness" or "test"), from its manifest."""
-    path = pathlib.Path(seeds_dir) / "seeds.json"
-    if not path.is_file():
-        raise DataError(f"no seeds.json in {seeds_dir}: build the seeds first (make_seeds.py)")
-    manifest = json.loads(path.read_text())
-    tasks = []
-    for skill, t in manifest["tasks"].items():
-        if split not in t:
-            raise DataError(f"{path}: task {skill!r} has no split {split!r}")
-        tasks.append(EvalTask(skill, t["kind"], tuple(read_jsonl(path.parent / t[split])), t["max_new_tokens"]))
-    return tasks
+    return SeedManifest.read(seeds_dir).tasks(split)
 
 
 def _recipe_dict(recipe: SeedRecipe) -> dict:

@@ -1,0 +1,143 @@
+"""`evojax-merge evolve` taking its seeds and task from a seeds manifest (lm_seeds.build_seeds' seeds.json).
+
+The manifest is hand-written over tiny random seeds (evolve_helpers), with fitness and test splits whose
+answers are model A's own greedy continuations: A's scores are then known exactly, and differ from what
+generated data, another scorer kind or another generation length would give.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from evojax_merge.data.synthetic_text import CharTokenizer, TextExample, read_jsonl, write_jsonl
+from evojax_merge.errors import ConfigError
+from evojax_merge.evolve_config import load_evolve_config
+from evojax_merge.models import hf_io, llama
+from evojax_merge.run import llm_evolve
+
+from evolve_helpers import save_seeds
+
+CHARS = CharTokenizer()
+# Answers by role: "right2" = A's first 2 generated characters, "right3" = its first 3, "wrong" = right2
+# with its first character changed.
+# arithmetic, prefix_match, 2 new tokens: right2 scores 1; right3 only with >= 3 new tokens; wrong 0.
+# list_ops, answer_match, 3 new tokens: right2 scores 0 (A's third token is not EOS), 1 under prefix_match.
+SPLITS = {
+    ("arithmetic", "fitness"): ["right2"] * 4 + ["wrong"],  # A: 4 / 5
+    ("arithmetic", "test"): ["right2", "right2", "right3", "wrong"],  # A: 2 / 4
+    ("list_ops", "fitness"): ["right2", "wrong"],  # A: 0 / 2
+    ("list_ops", "test"): ["right2", "right2", "wrong"],  # A: 0 / 3
+}
+TASKS = {"arithmetic": ("prefix_match", 2), "list_ops": ("answer_match", 3)}
+EXPECTED_A_TEST = {"arithmetic": 0.5, "list_ops": 0.0, "all": 2 / 7}
+
+
+def _examples(params, config, skill, split, roles) -> list[TextExample]:
+    out, i = [], 0
+    while len(out) < len(roles):
+        prompt = f"Question: {skill[:4]} {split[:4]} {i:04d}\nAnswer:"  # one length: one compilation
+        i += 1
+        ids = np.asarray(llama.generate(params, jnp.asarray([CHARS.encode(prompt)], jnp.int32), config=config,
+                                        max_new_tokens=3))[0]
+        if ids.min() < 3:  # pad / EOS / BOS: keep to printable continuations
+            continue
+        text = CHARS.decode(ids)
+        role = roles[len(out)]
+        answer = {"right2": text[:2], "right3": text,
+                  "wrong": ("a" if text[0] != "a" else "b") + text[1:2]}[role]
+        out.append(TextExample(prompt, answer))
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("manifest_seeds")
+    folders = save_seeds(root)
+    config, model_a = hf_io.load_hf_folder(folders["specialist_a"])
+    tasks = {}
+    (root / "data").mkdir()
+    for (skill, split), roles in SPLITS.items():
+        write_jsonl(root / "data" / f"{skill}_{split}.jsonl", _examples(model_a, config, skill, split, roles))
+    for skill, (kind, n_new) in TASKS.items():
+        tasks[skill] = {"kind": kind, "max_new_tokens": n_new,
+                        **{split: f"data/{skill}_{split}.jsonl" for split in ("train", "fitness", "test")}}
+        write_jsonl(root / "data" / f"{skill}_train.jsonl", [TextExample("never scored", "x")])
+    data = {"models": {"base": "base", "arithmetic": "specialist_a", "list_ops": "specialist_b"},
+            "base_model": "base", "tasks": tasks, "prompt_format": "plain"}
+    (root / "seeds.json").write_text(json.dumps(data))
+    return root, folders
+
+
+def _config(tmp_path, root, overrides=(), **sections):
+    data = {"name": "t", "seeds": {"manifest": str(root / "seeds.json"), "models": ["arithmetic", "list_ops"],
+                                   "base": "base"},
+            "task": {"from_manifest": True},
+            "run": {"out_dir": str(tmp_path), "checkpoint_every": 0, "score_seeds": True}} | sections
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_evolve_config(path, list(overrides))
+
+
+def _prompts(batch) -> list[str]:
+    return [CHARS.decode(row) for row in np.asarray(batch["input_ids"])]
+
+
+def test_the_suite_is_the_manifests_fitness_and_test_splits(tmp_path, manifest):
+    root, folders = manifest
+    config = _config(tmp_path, root, ["task.n_fitness=1"])
+    models, base = llm_evolve.seed_folders(config)
+    assert models == [str(root / "specialist_a"), str(root / "specialist_b")] and base == str(root / "base")
+    model_config = hf_io.load_hf_folder(folders["specialist_a"])[0]
+    suite = llm_evolve.suite_for(config, model_config, hf_io.load_tokenizer(folders["specialist_a"]))
+    assert suite.names == ("arithmetic", "list_ops")
+    for skill, train, test in zip(suite.names, suite.train, suite.test):
+        assert _prompts(train) == [e.prompt for e in read_jsonl(root / "data" / f"{skill}_fitness.jsonl")][:1]
+        assert _prompts(test) == [e.prompt for e in read_jsonl(root / "data" / f"{skill}_test.jsonl")]
+
+
+def test_ps_and_m2n2_score_candidates_on_the_fitness_split_and_report_the_test_split(tmp_path, manifest):
+    root, folders = manifest
+    a = str(root / "specialist_a")
+    ps_dir, m2n2_dir = tmp_path / "ps", tmp_path / "m2n2"
+    ps_dir.mkdir(), m2n2_dir.mkdir()
+    ps = llm_evolve.run_evolve(_config(tmp_path, root, ps={"search": {"population": 2, "generations": 1,
+                                                                      "batch_size": 2}}), ps_dir, progress=False)
+    # Model A's scores on the manifest's test split, with its scorer kinds and generation lengths.
+    assert ps["seeds_test"][a] == pytest.approx(EXPECTED_A_TEST)
+    assert yaml.safe_load((ps_dir / "recipe.yaml").read_text())["base_model"] == str(root / "base")
+    assert set(ps["best_test"]) == {"arithmetic", "list_ops", "all"}
+
+    m2n2 = llm_evolve.run_evolve(_config(tmp_path, root, search="m2n2",
+                                         m2n2={"archive_size": 3, "warmup": 1, "evaluations": 3},
+                                         run={"out_dir": str(tmp_path), "score_seeds": False}),
+                                 m2n2_dir, progress=False)
+    assert set(m2n2["best_test"]) == {"arithmetic", "list_ops", "all"}
+    # The archive starts with the seeds scored on the 7 fitness problems; A gets 4 of them.
+    with open(m2n2_dir / "metrics.csv") as f:
+        first = next(csv.DictReader(f))
+    assert float(first["best_train"]) >= 4 / 7 - 1e-6
+    assert m2n2["evaluations"] == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seeds.manifest=/nonexistent/seeds.json"], "seeds.manifest"),
+    (["seeds.models=[arithmetic, nope]"], "'nope' is not in"),
+    (["seeds.base=nope"], "'nope' is not in"),
+    (["task.n_test=99"], "99 test examples asked"),
+])
+def test_manifest_errors_are_config_errors_naming_the_problem(tmp_path, manifest, overrides, message):
+    root, folders = manifest
+    with pytest.raises(ConfigError, match=message):
+        llm_evolve.run_evolve(_config(tmp_path, root, overrides), tmp_path, progress=False)
+
+
+def test_a_task_from_the_manifest_needs_a_manifest(tmp_path, manifest):
+    root, _ = manifest
+    with pytest.raises(ConfigError, match="task.from_manifest"):
+        _config(tmp_path, root, ["seeds.manifest=null"])
