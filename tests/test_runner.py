@@ -114,3 +114,24 @@ def test_summary_json_is_valid(tmp_path):
     run_dir, summary = run(tmp_path, "s", small_config("strategy.children_per_step=2"))
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert summary["forward_passes_per_seed"] == 402  # 2 seeds + 200 generations x 2 children
+
+
+def test_a_save_killed_before_its_manifest_is_redone_after_resume(tmp_path):
+    """Killed between orbax's commit of step 2 and its manifest: resume uses step 1, and saving step 2
+    again replaces the leftover instead of failing with orbax's StepAlreadyExistsError."""
+    from evojax_merge.run.checkpoint import MANIFEST
+
+    checkpoints = RunCheckpoints(tmp_path / "checkpoints")
+    like = {"x": np.zeros(3, np.float32)}
+    checkpoints.save(1, {"x": np.full(3, 1.0, np.float32)})
+    checkpoints.save(2, {"x": np.full(3, 2.0, np.float32)})
+    (tmp_path / "checkpoints" / "2" / MANIFEST).unlink()  # the kill
+    checkpoints.close()
+
+    resumed = RunCheckpoints(tmp_path / "checkpoints")
+    step, restored = resumed.restore(like)
+    assert step == 1 and np.all(np.asarray(restored["x"]) == 1.0)
+    resumed.save(2, {"x": np.full(3, 4.0, np.float32)})
+    step, restored = resumed.restore(like)
+    assert step == 2 and np.all(np.asarray(restored["x"]) == 4.0)
+    resumed.close()

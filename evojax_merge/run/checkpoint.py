@@ -36,6 +36,10 @@ class RunCheckpoints:
         return self._manager.latest_step()
 
     def save(self, step: int, tree):
+        if step in self._manager.all_steps():
+            # An unfinished save of this step (killed between orbax's commit and the manifest): the run
+            # resumed from the step before and has now recomputed this one, so it replaces the leftover.
+            self._manager.delete(step)
         self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
         self._manager.wait_until_finished()
         if jax.process_index() == 0:
