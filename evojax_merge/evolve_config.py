@@ -164,10 +164,15 @@ class EvolveRunConfig:
     out_dir: str = "runs"
     save_model: bool = True  # write the best model (HF folder or path model) into the run directory
     score_seeds: bool = True  # also score every seed model on the test problems (summary.json "seeds_test")
+    # [G, M]: score candidates over a population x model device mesh (G groups of M devices; see
+    # run/population_sharding.py). null: one device, no mesh.
+    mesh: list[int] | None = None
 
     def validate(self):
         _check(self.log_every >= 1, "run.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
+        _check(self.mesh is None or (len(self.mesh) == 2 and all(isinstance(n, int) and n >= 1 for n in self.mesh)),
+               "run.mesh", "must be null or [population_groups, model_devices], two integers >= 1")
 
 
 @dataclasses.dataclass

@@ -49,6 +49,7 @@ from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.experiment import _StopOnSignal
 from evojax_merge.run.files import write_atomic, write_csv, write_json
 from evojax_merge.run.plot import plot_curves
+from evojax_merge.run.population_sharding import check_population_divisible, population_map, population_model_mesh
 from evojax_merge.strategies.evosax_search import EvosaxSearch
 from evojax_merge.tasks.lm_suite import GivenSkill, SkillSpec, SkillSuite, build_suite, suite_from_examples
 from evojax_merge.train.lm_seeds import SeedManifest
@@ -195,6 +196,41 @@ def dfs_problem(config: EvolveConfig, space: dataflow.DataFlowSpace, pool: llama
     return GenomeProblem(space.size, space.init(), realise, pool, suite)
 
 
+def evaluation_mesh(config: EvolveConfig):
+    """The population x model mesh of ``run.mesh`` (None: one device)."""
+    return None if config.run.mesh is None else population_model_mesh(*config.run.mesh)
+
+
+def generation_step(ask, tell, evaluate, mesh):
+    """``step(state, key, batches, data) -> tell's output``: ask, evaluate the candidates, tell.
+
+    ``ask(key, state) -> (candidates, state)``; ``tell(key, candidates, scores, state)``;
+    ``evaluate(candidates, batches, data) -> scores``. Without a mesh the three are one program. With a
+    mesh they are three: fused, the mesh's sharding would propagate from the candidates into the
+    strategy's own arithmetic, where CMA-ES's eigendecomposition then picks another (equally valid) basis
+    of a degenerate eigenspace and the same key samples other candidates. Kept apart, the strategy runs
+    unpartitioned on one device, the scores come back to it, and a meshed run follows the single-device one.
+    """
+
+    def fused(state, key, batches, data):
+        key_ask, key_tell = jax.random.split(key)
+        candidates, state = ask(key_ask, state)
+        return tell(key_tell, candidates, evaluate(candidates, batches, data), state)
+
+    if mesh is None:
+        return jax.jit(fused)
+    ask_jit, tell_jit = jax.jit(ask), jax.jit(tell)
+
+    def step(state, key, batches, data):
+        key_ask, key_tell = jax.random.split(key)
+        candidates, state = ask_jit(key_ask, state)
+        scores = evaluate(candidates, batches, data)
+        scores = jax.device_put(scores, jax.tree.leaves(candidates)[0].sharding)
+        return tell_jit(key_tell, candidates, scores, state)
+
+    return step
+
+
 GENOME_METRICS = ("generation", "evaluations", "best_train", "generation_best", "generation_mean",
                   "rejected_nonfinite")
 
@@ -211,13 +247,16 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
         return jax.lax.map(lambda g: suite.scores(problem.realise(g, data), batches), genomes,
                            batch_size=batch_size)
 
-    @jax.jit
-    def step(state, key, batches, data):
-        key_ask, key_tell = jax.random.split(key)
-        genomes, state = search.ask(key_ask, state, params)
-        scores = evaluate(genomes, batches, data)
-        state, metrics = search.tell(key_tell, genomes, scores, state, params)
-        return state, metrics
+    mesh = evaluation_mesh(config)
+    if mesh is not None:
+        check_population_divisible(search.population_size, mesh)
+        # Candidates over the population groups, the seed weights cut over the model axis.
+        on_mesh = population_map(lambda g, data, batches: suite.scores(problem.realise(g, data), batches),
+                                 mesh, batch_size=batch_size, models_leading_axes=0)
+        evaluate = lambda genomes, batches, data: on_mesh(genomes, data, batches)  # noqa: E731
+    step = generation_step(lambda key, state: search.ask(key, state, params),
+                           lambda key, genomes, scores, state: search.tell(key, genomes, scores, state, params),
+                           evaluate, mesh)
 
     scores_of = jax.jit(lambda genome, batches, data: suite.scores(problem.realise(genome, data), batches))
     test_scores = lambda genome, batches: scores_of(genome, batches, problem.data)  # noqa: E731
@@ -319,12 +358,21 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
         child = jax.tree.map(lambda x: x[None], strategy.unravel(warmup_child(key_child, seeds_flat)))
         return strategy.tell(key_tell, child, score_all(child, batches), state, params)
 
-    @jax.jit
-    def step(state, key, batches, seeds_flat):
+    def score_children(children, batches, seeds_flat):
         del seeds_flat  # the same signature as warm_step
-        key_ask, key_tell = jax.random.split(key)
-        children, state = strategy.ask(key_ask, state, params)
-        return strategy.tell(key_tell, children, score_all(children, batches), state, params)
+        return score_all(children, batches)
+
+    mesh = evaluation_mesh(config)
+    if mesh is not None:
+        # Children are whole models: split over the population groups (replicated over the model axis).
+        # The seeds and the warm-up children (one at a time) are scored on one device.
+        check_population_divisible(m.children_per_step, mesh)
+        on_mesh = population_map(lambda child, _, batches: suite.scores(child, batches), mesh,
+                                 batch_size=m.children_per_step)
+        score_children = lambda children, batches, _: on_mesh(children, None, batches)  # noqa: E731
+    step = generation_step(lambda key, state: strategy.ask(key, state, params),
+                           lambda key, children, scores, state: strategy.tell(key, children, scores, state, params),
+                           score_children, mesh)
 
     test_of_best = jax.jit(lambda state, batches: suite.scores(strategy.best(state)[0], batches))
     key = jax.random.key(config.run.seed)
