@@ -3,9 +3,13 @@
 The recipe searches of Evolutionary Model Merge (Akiba et al., Nature Machine Intelligence 2025,
 https://arxiv.org/abs/2403.13187) optimise flat genomes with CMA-ES. evosax strategies minimise one
 fitness per candidate; the project's strategies take per-data-point scores, higher is better. This
-wrapper converts: fitness = -(mean score over the points). A candidate with a non-finite score (NaN or
-inf anywhere) gets a fitness worse than every finite candidate of its generation, is counted in
-``num_rejected_nonfinite`` and can never become ``best``; evosax's state only ever sees finite numbers.
+wrapper converts: fitness = -(mean score over the points), by :func:`evosax_adapter.scores_to_fitness` (shared with
+the digits runner's :class:`~evojax_merge.strategies.evosax_adapter.EvosaxStrategy`). A candidate with a
+non-finite score (NaN or inf anywhere) gets a fitness worse than every finite candidate of its
+generation, is counted in ``num_rejected_nonfinite`` and can never become ``best``; evosax's state only
+ever sees finite numbers. This class differs from ``EvosaxStrategy`` in what the LLM searches need: flat
+genomes started at a given mean without evaluating it, evosax class names, the best candidate's
+per-point scores kept.
 
 The paper's settings are the defaults of :func:`paper_population_size` and ``sigma``: every gene starts
 at the given mean (0.5 for PS), the step size is 1/6, the population 4 + floor(3 ln n).
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from evojax_merge.errors import ConfigError
+from evojax_merge.strategies.evosax_adapter import scores_to_fitness
 
 
 @struct.dataclass
@@ -109,11 +114,11 @@ class EvosaxSearch:
 
     def tell(self, key: jax.Array, genomes: jax.Array, scores: jax.Array, state: State, params):
         """Update with per-data-point ``scores`` (population_size, num_points); returns (state, metrics)."""
-        fitness, valid = candidate_fitness(scores)
-        worst = jnp.min(jnp.where(valid, fitness, jnp.inf))
-        worst = jnp.where(jnp.isfinite(worst), worst, 0.0)
-        shaped = jnp.where(valid, fitness, worst - 1.0)
-        es_state, _ = self.es.tell(key, genomes, -shaped, state.es_state, params)
+        minimised, rejected = scores_to_fitness(scores)  # NaN/inf ranked worst, as in the digits runner
+        valid, fitness = ~rejected, -minimised
+        es_state, _ = self.es.tell(key, genomes, minimised, state.es_state, params)
+        # A generation with no finite score carries no information: keep the search distribution.
+        es_state = jax.tree.map(lambda new, old: jnp.where(jnp.any(valid), new, old), es_state, state.es_state)
         index = jnp.argmax(jnp.where(valid, fitness, -jnp.inf))
         improved = valid[index] & (fitness[index] > state.best_score)
         state = state.replace(
@@ -142,9 +147,3 @@ class EvosaxSearch:
     def counters(self, state: State) -> dict[str, jax.Array]:
         """No archive: ``archive_filled`` is 0; candidates rejected for non-finite scores."""
         return {"archive_filled": jnp.int32(0), "rejected_nonfinite": state.num_rejected_nonfinite}
-
-
-def candidate_fitness(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean score per candidate, candidate valid) for per-point scores (P, N); invalid = any non-finite."""
-    valid = jnp.all(jnp.isfinite(scores), axis=1)
-    return jnp.mean(jnp.where(valid[:, None], scores, 0.0), axis=1), valid
