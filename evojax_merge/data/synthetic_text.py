@@ -1,9 +1,9 @@
 """Text tasks the project generates itself, offline and seeded: two skills that make specialists differ.
 
-- ``arithmetic``: GSM-style one- and two-step word problems with integer answers ("Tom has 12 apples.
-  He buys 7 more. How many apples does he have now?" -> "19").
-- ``list_ops``: a string/list manipulation skill (reverse, sort, first/last element, length) over short
-  lists of small numbers or words ("Reverse the list: 4 9 2" -> "2 9 4").
+- ``arithmetic``: GSM-style one- and two-step word problems with small integer operands and answers
+  below 100 ("Tom has 12 apples. He buys 7 more. How many apples does he have now?" -> "19").
+- ``list_ops``: a string/list manipulation skill (reverse, sort, first/last element, length, max) over
+  lists of 2-5 one-digit numbers or three-letter words ("Reverse the list: 4 9 2" -> "2 9 4").
 
 Every example is a :class:`TextExample` (prompt, answer, and for multiple choice a few wrong
 ``distractors``). :func:`make_splits` returns disjoint train/test lists: a test prompt never appears in
@@ -46,22 +46,24 @@ _ITEMS = ["apples", "books", "marbles", "stickers", "coins", "pencils", "cards",
 
 
 def _arithmetic_one(rng: np.random.Generator) -> tuple[str, int]:
+    # Small operands (answers below 100): a 4-layer character model learns these word problems in a few
+    # thousand steps on a CPU. With two-digit operands and products (session 2) no seed got past the 3-4%
+    # of guessing a plausible number, and a merge cannot inherit a skill neither seed has.
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = int(rng.integers(2, 50)), int(rng.integers(2, 30))
     kind = rng.integers(0, 5)
     if kind == 0:
+        a, b = int(rng.integers(1, 21)), int(rng.integers(1, 11))
         return f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?", a + b
     if kind == 1:
-        a = a + b  # keep the answer positive
-        return f"{name} has {a} {item} and gives away {b}. How many {item} are left?", a - b
+        b, left = int(rng.integers(1, 11)), int(rng.integers(0, 11))
+        return f"{name} has {b + left} {item} and gives away {b}. How many {item} are left?", left
     if kind == 2:
-        a, b = a % 12 + 2, b % 9 + 2
+        a, b = int(rng.integers(2, 10)), int(rng.integers(2, 6))
         return f"{name} has {a} boxes with {b} {item} in each box. How many {item} are there in total?", a * b
     if kind == 3:
-        b = b % 8 + 2
-        q = a % 12 + 1
+        q, b = int(rng.integers(1, 10)), int(rng.integers(2, 6))
         return f"{name} shares {q * b} {item} equally among {b} friends. How many {item} does each friend get?", q
-    c = int(rng.integers(2, 20))
+    a, b, c = int(rng.integers(1, 11)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
     a = a + c
     return (f"{name} has {a} {item}, buys {b} more and then loses {c}. How many {item} does {name} have?",
             a + b - c)
@@ -79,9 +81,11 @@ _WORDS = ["red", "cat", "sun", "box", "map", "pen", "cup", "owl", "fig", "jam", 
 
 
 def list_ops_example(rng: np.random.Generator) -> TextExample:
-    n = int(rng.integers(3, 7))
+    # Short lists of one-digit numbers or three-letter words: learnable by a 4-layer character model on a
+    # CPU (with 3-6 numbers up to 99, session 2's seeds never learned to reverse or sort).
+    n = int(rng.integers(2, 6))
     if rng.random() < 0.5:
-        items = [str(int(x)) for x in rng.integers(0, 100, n)]
+        items = [str(int(x)) for x in rng.integers(0, 10, n)]
         ops = ["reverse", "sort", "first", "last", "length", "max"]
     else:
         items = [str(w) for w in rng.choice(_WORDS, n, replace=False)]

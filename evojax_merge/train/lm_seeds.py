@@ -37,7 +37,7 @@ from evojax_merge.run.files import write_atomic, write_json
 from evojax_merge.train.lm_finetune import EvalTask, FinetuneConfig, evaluate, finetune, prepare_eval_tasks
 
 # How each skill is scored: a numeric answer by its last number, a list answer by exact string + EOS.
-SKILL_SCORING = {"arithmetic": ("exact_match", 8), "list_ops": ("answer_match", 32)}
+SKILL_SCORING = {"arithmetic": ("exact_match", 6), "list_ops": ("answer_match", 24)}
 
 
 @dataclasses.dataclass
@@ -56,9 +56,9 @@ class SeedRecipe:
     intermediate_size: int = 384
     init_seed: int = 0
     base: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
-        steps=500, batch_size=16, learning_rate=3e-3, warmup_steps=50, eval_every=100))
+        steps=3000, batch_size=16, learning_rate=3e-3, warmup_steps=50, eval_every=100))
     specialist: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
-        steps=300, batch_size=16, learning_rate=2e-3, warmup_steps=20, eval_every=100))
+        steps=500, batch_size=16, learning_rate=5e-4, warmup_steps=20, eval_every=100))
 
     def model_config(self) -> llama.LlamaConfig:
         tok = CharTokenizer()
