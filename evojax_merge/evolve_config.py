@@ -147,8 +147,15 @@ class M2N2Config:
     warmup: int = 50  # random merges of the seeds evaluated before M2N2 proper (counted in the budget)
     evaluations: int = 1000  # budget: evaluations of the training set, seeds and warm-up included
     children_per_step: int = 1
+    # "m2n2" (also the GA, with alpha 0 and no matchmaker) or "map_elites": a bins x bins grid over the
+    # accuracy on each skill (one axis per skill), quality = mean training score; archive_size, alpha and
+    # matchmaker are M2N2's and unused by it.
+    archive: str = "m2n2"
+    bins: int = 10
 
     def validate(self):
+        _check(self.archive in ("m2n2", "map_elites"), "m2n2.archive", "must be 'm2n2' or 'map_elites'")
+        _check(self.bins >= 1, "m2n2.bins", "must be >= 1")
         _check(self.archive_size >= 2, "m2n2.archive_size", "must be >= 2")
         _check(self.alpha >= 0, "m2n2.alpha", "must be >= 0")
         _check(self.warmup >= 0, "m2n2.warmup", "must be >= 0")

@@ -79,6 +79,27 @@ def test_m2n2_run_fills_the_archive_with_warmup_merges_then_evolves(tmp_path, se
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["m2n2"]["archive_size"] == 4
 
 
+def test_map_elites_run_keeps_one_elite_per_cell_of_the_skill_accuracy_grid(tmp_path, seeds):
+    config = load_evolve_config(_config(tmp_path, seeds, search="m2n2",
+                                        m2n2={"archive": "map_elites", "bins": 4, "warmup": 3, "evaluations": 7}))
+    run_dir = tmp_path / "map_elites"
+    run_dir.mkdir()
+    summary = llm_evolve.run_evolve(config, run_dir, progress=False)
+    rows = _metrics(run_dir / "metrics.csv")
+    assert [int(r["evaluations"]) for r in rows] == [2, 3, 4, 5, 6, 7]
+    assert summary["strategy"] == "map_elites" and summary["archive_size"] == 16  # 4 bins x 2 skills
+    filled = [int(r["archive_filled"]) for r in rows]
+    # Cells only fill up; two models with the same skill accuracies share a cell, so <= one per evaluation.
+    assert filled == sorted(filled) and 1 <= filled[0] <= 2 and filled[-1] <= 7
+    # The best elite scored again on the training problems gives the quality the grid stored for it.
+    assert summary["best_train"]["all"] == pytest.approx(summary["best_train_score_search"], abs=1e-6)
+
+
+def test_unknown_archive_is_a_config_error(tmp_path, seeds):
+    with pytest.raises(ConfigError, match="m2n2.archive"):
+        load_evolve_config(_config(tmp_path, seeds, search="m2n2", m2n2={"archive": "grid"}))
+
+
 # ------------------------------------------------------------------------------------ NaN scores
 def test_nan_candidates_are_worst_counted_and_never_best():
     search = EvosaxSearch("CMA_ES", num_dims=3, population_size=4, sigma=0.2)

@@ -1,10 +1,11 @@
 """Evolutionary merging of language models end to end: ``evojax-merge evolve CONFIG.yaml``.
 
-The searches of :mod:`evojax_merge.evolve_config` (PS, DFS, PS + DFS, M2N2 and its GA baseline) over
-seed models read from Hugging Face folders, scored per data point by an LM :class:`SkillSuite`. Every
-candidate is built in memory and scored in the same compiled step as the strategy's ask and tell: a
-generation is one call, with the population merged (or its paths gathered) and scored in chunks of
-``batch_size`` under ``lax.map``; nothing goes through files.
+The searches of :mod:`evojax_merge.evolve_config` (PS, DFS, PS + DFS, M2N2 and its GA and MAP-Elites
+baselines) over seed models read from Hugging Face folders, scored per data point by an LM
+:class:`SkillSuite`. Every candidate is built in memory and scored in the same compiled step as the
+strategy's ask and tell: a generation is one call, with the population merged (or its paths gathered) and
+scored in chunks of ``batch_size`` under ``lax.map``; nothing goes through files. With ``run.mesh`` the
+evaluation is spread over a population x model device mesh (:func:`generation_step`).
 
 Run directory (created before anything is computed)::
 
@@ -332,11 +333,25 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
 
     m = config.m2n2
     n_seeds = len(seeds.models)
-    if n_seeds > m.archive_size:
-        raise ConfigError(f"{n_seeds} seeds do not fit m2n2.archive_size {m.archive_size}")
-    strategy = M2N2(m.archive_size, seeds.models[0], num_children=m.children_per_step, crossover=m.crossover,
-                    split_point=m.split_point, matchmaker=m.matchmaker, mutation=False)
-    params = Params(alpha=m.alpha, mutation_std=0.0)
+    if m.archive == "map_elites":
+        from evojax_merge.strategies import map_elites
+
+        # One descriptor axis per skill: the child's accuracy on that skill's training problems.
+        sizes = suite.sizes(suite.train)
+        bounds = np.cumsum([0, *sizes])
+        membership = np.zeros((len(sizes), bounds[-1]), bool)
+        for i in range(len(sizes)):
+            membership[i, bounds[i]:bounds[i + 1]] = True
+        strategy = map_elites.MAPElites(seeds.models[0], map_elites.group_mean_descriptor(membership), len(sizes),
+                                        bins=m.bins, num_children=m.children_per_step, crossover=m.crossover,
+                                        split_point=m.split_point, mutation=False)
+        params = map_elites.Params(mutation_std=0.0)
+    else:
+        if n_seeds > m.archive_size:
+            raise ConfigError(f"{n_seeds} seeds do not fit m2n2.archive_size {m.archive_size}")
+        strategy = M2N2(m.archive_size, seeds.models[0], num_children=m.children_per_step, crossover=m.crossover,
+                        split_point=m.split_point, matchmaker=m.matchmaker, mutation=False)
+        params = Params(alpha=m.alpha, mutation_std=0.0)
     budget = m.evaluations - n_seeds
     warmup = min(m.warmup, max(budget, 0))
     steps = warmup + max(budget - warmup, 0) // m.children_per_step
@@ -375,6 +390,11 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
                            score_children, mesh)
 
     test_of_best = jax.jit(lambda state, batches: suite.scores(strategy.best(state)[0], batches))
+
+    def best_member_scores(state):
+        if m.archive == "map_elites":  # a grid keeps only each elite's mean: score the best one again
+            return np.asarray(test_of_best(state, suite.train))
+        return _best_member_scores(state)
     key = jax.random.key(config.run.seed)
     key, key_init = jax.random.split(key)
     state = init(key_init, suite.train, population)
@@ -396,12 +416,12 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
     _plot(stage_dir, history, i, config.name)
     summary = {
         "status": loop.status,
-        "strategy": "ga" if (m.alpha == 0 and not m.matchmaker) else "m2n2",
-        "archive_size": m.archive_size,
+        "strategy": m.archive if m.archive != "m2n2" else ("ga" if (m.alpha == 0 and not m.matchmaker) else "m2n2"),
+        "archive_size": strategy.num_cells if m.archive == "map_elites" else m.archive_size,
         "steps": i,
         "evaluations": int(history["evaluations"][i]),
         "best_train_score_search": float(best_score),
-        "best_train": suite.accuracies(_best_member_scores(state), suite.train),
+        "best_train": suite.accuracies(best_member_scores(state), suite.train),
         "best_test": suite.accuracies(test_of_best(state, suite.test), suite.test),
         "archive_filled": int(np.sum(np.asarray(state.filled))),
         "rejected_nonfinite_candidates": int(state.num_rejected_nonfinite),

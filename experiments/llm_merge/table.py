@@ -1,6 +1,6 @@
 """The results table of the CPU-sized LLM merge: every seed and every method, on the test and fitness splits.
 
-    python experiments/llm_merge/table.py runs/llm_merge            # after the six runs of the README
+    python experiments/llm_merge/table.py runs/llm_merge            # after the runs of the README
 
 Reads each run's summary.json (``best_test``, ``best_train``: the best model's scores on the test split
 and on the fitness problems the search used; ``seeds_test``) and scores the seeds on the same fitness
@@ -16,7 +16,7 @@ import pathlib
 import sys
 
 METHODS = [("ps", "PS"), ("dfs", "DFS"), ("ps_dfs", "PS + DFS"), ("m2n2", "M2N2"), ("ga", "GA"),
-           ("cmaes_slerp", "CMA-ES over SLERP")]
+           ("map_elites", "MAP-Elites"), ("cmaes_slerp", "CMA-ES over SLERP")]
 
 
 def seed_fitness(run_dir: pathlib.Path) -> dict[str, dict[str, float]]:
