@@ -338,10 +338,7 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
 
         # One descriptor axis per skill: the child's accuracy on that skill's training problems.
         sizes = suite.sizes(suite.train)
-        bounds = np.cumsum([0, *sizes])
-        membership = np.zeros((len(sizes), bounds[-1]), bool)
-        for i in range(len(sizes)):
-            membership[i, bounds[i]:bounds[i + 1]] = True
+        membership = np.repeat(np.eye(len(sizes), dtype=bool), sizes, axis=1)  # (skills, points)
         strategy = map_elites.MAPElites(seeds.models[0], map_elites.group_mean_descriptor(membership), len(sizes),
                                         bins=m.bins, num_children=m.children_per_step, crossover=m.crossover,
                                         split_point=m.split_point, mutation=False)
@@ -389,12 +386,13 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
                            lambda key, children, scores, state: strategy.tell(key, children, scores, state, params),
                            score_children, mesh)
 
-    test_of_best = jax.jit(lambda state, batches: suite.scores(strategy.best(state)[0], batches))
+    scores_of_best = jax.jit(lambda state, batches: suite.scores(strategy.best(state)[0], batches))
 
     def best_member_scores(state):
         if m.archive == "map_elites":  # a grid keeps only each elite's mean: score the best one again
-            return np.asarray(test_of_best(state, suite.train))
+            return np.asarray(scores_of_best(state, suite.train))
         return _best_member_scores(state)
+
     key = jax.random.key(config.run.seed)
     key, key_init = jax.random.split(key)
     state = init(key_init, suite.train, population)
@@ -410,19 +408,19 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
         return state, 1 if in_warmup else m.children_per_step
 
     loop = _run_loop(stage_dir, config, suite, state, key, _history(steps + 1, M2N2_METRICS, suite), steps,
-                     initial_row, step_row, lambda s: test_of_best(s, suite.test), resume, progress, config.name)
+                     initial_row, step_row, lambda s: scores_of_best(s, suite.test), resume, progress, config.name)
     state, history, i = loop.state, loop.history, loop.last
     best, best_score = strategy.best(state)
     _plot(stage_dir, history, i, config.name)
     summary = {
         "status": loop.status,
-        "strategy": m.archive if m.archive != "m2n2" else ("ga" if (m.alpha == 0 and not m.matchmaker) else "m2n2"),
+        "strategy": "ga" if (m.archive == "m2n2" and m.alpha == 0 and not m.matchmaker) else m.archive,
         "archive_size": strategy.num_cells if m.archive == "map_elites" else m.archive_size,
         "steps": i,
         "evaluations": int(history["evaluations"][i]),
         "best_train_score_search": float(best_score),
         "best_train": suite.accuracies(best_member_scores(state), suite.train),
-        "best_test": suite.accuracies(test_of_best(state, suite.test), suite.test),
+        "best_test": suite.accuracies(scores_of_best(state, suite.test), suite.test),
         "archive_filled": int(np.sum(np.asarray(state.filled))),
         "rejected_nonfinite_candidates": int(state.num_rejected_nonfinite),
         **loop.speed(),
@@ -588,7 +586,7 @@ class LoopResult:
 
 
 def _run_loop(stage_dir, config: EvolveConfig, suite: SkillSuite, state, key, history, total: int,
-              initial_row, step_row, test_of_best, resume: bool, progress: bool, title: str) -> LoopResult:
+              initial_row, step_row, scores_of_best, resume: bool, progress: bool, title: str) -> LoopResult:
     """Rows 1..total of a search: each ``step_row(history, row, state, key) -> (state, candidates)`` is one
     compiled step; the best model's test score every ``run.log_every`` rows; metrics.csv rewritten every row;
     checkpoints every ``run.checkpoint_every`` rows, at the end and on Ctrl-C / SIGTERM (then it stops).
@@ -607,7 +605,7 @@ def _run_loop(stage_dir, config: EvolveConfig, suite: SkillSuite, state, key, hi
             key, first = jax.random.wrap_key_data(restored["key"]), int(restored["row"])
         else:
             initial_row(history, state)
-            _log_test(history, 0, test_of_best(state), suite)
+            _log_test(history, 0, scores_of_best(state), suite)
 
         def save(row):
             checkpoints.save(row, {"state": state, "key": jax.random.key_data(key), "history": history,
@@ -622,7 +620,7 @@ def _run_loop(stage_dir, config: EvolveConfig, suite: SkillSuite, state, key, hi
                 state, evaluated = step_row(history, row, state, key_step)
                 candidates += evaluated
                 if row % config.run.log_every == 0 or row == total:
-                    _log_test(history, row, test_of_best(state), suite)
+                    _log_test(history, row, scores_of_best(state), suite)
                 _write_metrics(stage_dir, history, row, suite)
                 bar.update(1)
                 bar.set_postfix(train=f"{history['best_train'][row]:.3f}")
