@@ -53,6 +53,18 @@ def test_tiny_seeds_are_loadable_related_models(tiny_lm_seeds):
     assert scores.shape == (8,)
 
 
+def test_specialist_replay_adds_a_share_of_the_other_skill():
+    splits = {s: lm_seeds.skill_splits(s, TINY_RECIPE) for s in TINY_RECIPE.skills}
+    assert lm_seeds.specialist_data(splits, "arithmetic", 0.0, 0) == splits["arithmetic"]["train"]
+    data = lm_seeds.specialist_data(splits, "arithmetic", 0.25, 0)
+    own, other = splits["arithmetic"]["train"], splits["list_ops"]["train"]
+    # All 64 own examples, then 0.25 * 64 = 16 distinct list examples; the same draw for the same seed.
+    assert data[:64] == own and len(data) == 80
+    assert all(e in other for e in data[64:]) and len({e.prompt for e in data[64:]}) == 16
+    assert lm_seeds.specialist_data(splits, "arithmetic", 0.25, 0) == data
+    assert lm_seeds.specialist_data(splits, "arithmetic", 0.25, 1) != data
+
+
 def test_bad_input():
     with pytest.raises(DataError, match="no seeds.json"):
         lm_seeds.load_seed_tasks("/nonexistent", "test")
@@ -60,4 +72,6 @@ def test_bad_input():
         lm_seeds.build_seeds("/tmp/unused", lm_seeds.SeedRecipe(skills=("poetry",)))
     with pytest.raises(ConfigError, match="multiple of num_attention_heads"):
         lm_seeds.SeedRecipe(hidden_size=30, num_attention_heads=4).model_config()
+    with pytest.raises(ConfigError, match="specialist_replay"):
+        lm_seeds.build_seeds("/tmp/unused", lm_seeds.SeedRecipe(specialist_replay=1.5))
     assert isinstance(lm_seeds.SeedRecipe().model_config(), llama.LlamaConfig)

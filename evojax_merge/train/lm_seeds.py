@@ -50,6 +50,10 @@ class SeedRecipe:
     n_fitness: int = 200  # per skill, for the merge search's fitness
     n_test: int = 200  # per skill, reported
     n_monitor: int = 100  # per skill, fitness examples scored during training (0: none)
+    # Share of a specialist's training examples drawn from the other skills (0: its own skill only).
+    # A little replay keeps what the base knew, as the fine-tuned LLMs people merge do; without it a
+    # model this small forgets the other skill as fast as it learns its own (see the experiment README).
+    specialist_replay: float = 0.0
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -87,6 +91,21 @@ def eval_tasks(splits: dict[str, dict[str, list]], split: str, limit: int | None
     return out
 
 
+def specialist_data(splits: dict[str, dict[str, list]], skill: str, replay: float, seed: int) -> list:
+    """The training examples of ``skill``'s specialist: all of its own, plus for each other skill a
+    ``replay`` share (relative to the own count) of that skill's, drawn at random with ``seed``."""
+    own = list(splits[skill]["train"])
+    if replay <= 0:
+        return own
+    rng = np.random.default_rng(seed)
+    extra = []
+    for other, parts in splits.items():
+        if other != skill:
+            n = min(len(parts["train"]), round(replay * len(own)))
+            extra += [parts["train"][i] for i in rng.choice(len(parts["train"]), n, replace=False)]
+    return own + extra
+
+
 def _interleave(lists: list[list]) -> list:
     """Round-robin merge, so a mixed data set holds the skills in equal shares."""
     n = min(map(len, lists))
@@ -102,6 +121,8 @@ def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, pr
     retrain only the specialists); the base must then have the recipe's architecture.
     """
     recipe = recipe or SeedRecipe()
+    if not 0 <= recipe.specialist_replay < 1:
+        raise ConfigError(f"specialist_replay must be in [0, 1), got {recipe.specialist_replay}")
     for s in recipe.skills:
         if s not in SKILL_SCORING:
             raise ConfigError(f"no scoring rule for skill {s!r}; known: {sorted(SKILL_SCORING)}")
@@ -128,7 +149,8 @@ def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, pr
                                   progress=progress, extra_config=facts)
     models = {"base": base_params}
     for s in recipe.skills:
-        models[s], _ = finetune(base_params, config, tok, splits[s]["train"], monitor, recipe.specialist,
+        data = specialist_data(splits, s, recipe.specialist_replay, recipe.data_seed)
+        models[s], _ = finetune(base_params, config, tok, data, monitor, recipe.specialist,
                                 out / s, progress=progress, extra_config=facts | {"specialist_of": s})
 
     # Final table: every seed on every skill's test set.

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base-lr", type=float, default=d.base.learning_rate)
     ap.add_argument("--specialist-steps", type=int, default=d.specialist.steps)
     ap.add_argument("--specialist-lr", type=float, default=d.specialist.learning_rate)
+    ap.add_argument("--specialist-replay", type=float, default=d.specialist_replay,
+                    help="share of a specialist's examples taken from the other skills")
     ap.add_argument("--batch-size", type=int, default=d.base.batch_size)
     ap.add_argument("--reuse-base", action="store_true",
                     help="load OUT/base/model if it exists and train only the specialists")
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     recipe = SeedRecipe(
         data_seed=a.data_seed, init_seed=a.init_seed, n_train=a.n_train, n_fitness=a.n_fitness, n_test=a.n_test,
+        specialist_replay=a.specialist_replay,
         hidden_size=a.hidden_size, num_hidden_layers=a.layers, num_attention_heads=a.heads,
         intermediate_size=a.mlp_size,
         base=dataclasses.replace(d.base, steps=a.base_steps, learning_rate=a.base_lr, batch_size=a.batch_size,

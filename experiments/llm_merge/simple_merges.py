@@ -1,0 +1,84 @@
+"""Hand-set merges of the seeds, scored like the searches' results: the baselines an evolved merge must beat.
+
+    python experiments/llm_merge/simple_merges.py experiments/llm_merge/ps.yaml [--out runs/llm_merge/simple]
+
+Reads the seeds and the task from an evolve config (its ``seeds`` and ``task`` sections), merges the
+specialists with fixed recipes (the average; task arithmetic at several scales; TIES and DARE-TIES at
+density 0.5) and scores every seed and merge on the fitness problems and the test split. Writes
+``simple_merges.json`` and ``simple_merges.md`` to ``--out`` and prints the table. A quick check of a seed
+set too: when no fixed merge comes near the seeds, the specialists' task vectors interfere and an
+evolutionary search has little to find.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+# (label, method, parameters): weights are per specialist; task arithmetic's lambda scales their sum.
+RECIPES = [
+    ("average", "linear", {}),
+    ("task arithmetic x0.5", "task_arithmetic", {"lambda_": 0.5}),
+    ("task arithmetic x0.75", "task_arithmetic", {"lambda_": 0.75}),
+    ("task arithmetic x1.0", "task_arithmetic", {"lambda_": 1.0}),
+    ("ties d0.5", "ties", {"density": 0.5}),
+    ("dare_ties d0.5 w1.0", "dare_ties", {"density": 0.5, "weight": 1.0}),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="an evolve config naming the seeds (seeds.manifest, models, base)")
+    ap.add_argument("--out", default=None, help="directory for simple_merges.json/.md (default: print only)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. task.n_fitness=200")
+    a = ap.parse_args(argv)
+
+    import jax
+
+    from evojax_merge.errors import EvojaxMergeError
+    from evojax_merge.evolve_config import load_evolve_config
+    from evojax_merge.merge.operators import merge_trees, stack_trees
+    from evojax_merge.run import llm_evolve
+    from evojax_merge.run.files import write_atomic, write_json
+
+    try:
+        config = load_evolve_config(a.config, a.set)
+        seeds = llm_evolve.load_seeds(config, need_base=True)
+        suite = llm_evolve.suite_for(config, seeds.config, seeds.tokenizer)
+    except EvojaxMergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    scores = jax.jit(suite.scores)
+    stacked = stack_trees(*seeds.models)
+    models = {name: model for name, model in zip(config.seeds.models, seeds.models)}
+    models[config.seeds.base] = seeds.base
+    for label, method, params in RECIPES:
+        models[label] = merge_trees(method, stacked, seeds.base, key=jax.random.key(0), **params)
+
+    rows = {}
+    for label, model in models.items():
+        rows[label] = {
+            "fitness": suite.accuracies(scores(model, suite.train), suite.train),
+            "test": suite.accuracies(scores(model, suite.test), suite.test),
+        }
+    skills = [s for s in next(iter(rows.values()))["test"] if s != "all"]
+    head = "| model | " + " | ".join(f"test {s}" for s in skills) + " | test all | fitness all |"
+    lines = [head, "|---" * (len(skills) + 3) + "|"]
+    for label, r in rows.items():
+        cells = [r["test"][s] for s in skills] + [r["test"]["all"], r["fitness"]["all"]]
+        lines.append(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        out = pathlib.Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "simple_merges.json", {"config": str(a.config), "overrides": a.set, "scores": rows})
+        write_atomic(out / "simple_merges.md", table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
