@@ -53,7 +53,7 @@ class SeedRecipe:
     # Share of a specialist's training examples drawn from the other skills (0: its own skill only).
     # A little replay keeps what the base knew, as the fine-tuned LLMs people merge do; without it a
     # model this small forgets the other skill as fast as it learns its own (see the experiment README).
-    specialist_replay: float = 0.0
+    specialist_replay: float = 0.2
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -62,7 +62,7 @@ class SeedRecipe:
     base: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
         steps=3000, batch_size=16, learning_rate=3e-3, warmup_steps=50, eval_every=100))
     specialist: FinetuneConfig = dataclasses.field(default_factory=lambda: FinetuneConfig(
-        steps=500, batch_size=16, learning_rate=5e-4, warmup_steps=20, eval_every=100))
+        steps=1000, batch_size=16, learning_rate=1e-3, warmup_steps=20, eval_every=100))
 
     def model_config(self) -> llama.LlamaConfig:
         tok = CharTokenizer()
