@@ -34,10 +34,12 @@ def test_tiny_seeds_are_loadable_related_models(tiny_lm_seeds):
     d_arith, d_list = flat["arithmetic"] - flat["base"], flat["list_ops"] - flat["base"]
     assert np.linalg.norm(d_arith) > 0 and np.linalg.norm(d_list) > 0
     assert abs(d_arith @ d_list) < 0.99 * np.linalg.norm(d_arith) * np.linalg.norm(d_list)
-    # The specialist runs trained on their own skill's examples only.
+    # The specialist runs trained on their own skill's examples plus the replayed share of the other's.
+    replayed = round(TINY_RECIPE.specialist_replay * TINY_RECIPE.n_train)
+    assert replayed > 0
     for skill in ("arithmetic", "list_ops"):
         run = json.loads((root / skill / "config.json").read_text())
-        assert run["specialist_of"] == skill and run["n_train_examples"] == TINY_RECIPE.n_train
+        assert run["specialist_of"] == skill and run["n_train_examples"] == TINY_RECIPE.n_train + replayed
     base_run = json.loads((root / "base" / "config.json").read_text())
     assert base_run["n_train_examples"] == 2 * TINY_RECIPE.n_train
 
