@@ -38,6 +38,21 @@ def test_splits_are_seeded_and_disjoint(skill):
         make_splits("poetry", 1, 1)
 
 
+def test_splits_do_not_depend_on_the_string_hash_seed():
+    # Distractors are picked from sets of strings, whose iteration order follows PYTHONHASHSEED: the same
+    # data seed must still give the same files in every process.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json; from evojax_merge.data.synthetic_text import make_splits; "
+            "print(json.dumps([[e.prompt, e.answer, e.distractors] for e in make_splits('list_ops', 60, 0)[0]]))")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert json.loads(runs[0]) == json.loads(runs[1])
+
+
 def test_number_parser_matches_regex():
     """The on-device last-number parser agrees with a regex on the decoded text."""
     rng = np.random.default_rng(0)

@@ -108,7 +108,9 @@ def list_ops_example(rng: np.random.Generator) -> TextExample:
     # Distractors: the same items in other orders (or neighbouring items), so only the skill separates them.
     wrong = {" ".join(items), " ".join(items[::-1]), " ".join(rng.permutation(items)), items[0], items[-1],
              items[n // 2], str(n + 1)} - {a}
-    wrong = sorted(wrong, key=lambda _: rng.random())[:3]
+    # sorted() first: a set of strings iterates in an order that changes with PYTHONHASHSEED, and the
+    # random keys are drawn in iteration order.
+    wrong = sorted(sorted(wrong), key=lambda _: rng.random())[:3]
     return TextExample(f"Question: {q}\nAnswer:", f" {a}", tuple(f" {w}" for w in wrong))
 
 
