@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import jax
+    import numpy as np
 
     from evojax_merge.errors import EvojaxMergeError
     from evojax_merge.evolve_config import load_evolve_config
@@ -60,9 +61,11 @@ def main(argv=None) -> int:
 
     rows = {}
     for label, model in models.items():
+        test = np.asarray(scores(model, suite.test))
         rows[label] = {
             "fitness": suite.accuracies(scores(model, suite.train), suite.train),
-            "test": suite.accuracies(scores(model, suite.test), suite.test),
+            "test": suite.accuracies(test, suite.test),
+            "test_points": test.tolist(),  # per problem, for paired comparisons (table.py)
         }
     skills = [s for s in next(iter(rows.values()))["test"] if s != "all"]
     head = "| model | " + " | ".join(f"test {s}" for s in skills) + " | test all | fitness all |"

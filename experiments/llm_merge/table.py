@@ -5,7 +5,10 @@
 Reads each run's summary.json (``best_test``, ``best_train``: the best model's scores on the test split
 and on the fitness problems the search used; ``seeds_test``) and scores the seeds on the same fitness
 problems (a few seconds), so that the two columns of every row are comparable: the gap between a
-method's fitness and test scores is what its selection on the fitness problems added. Adds the fixed
+method's fitness and test scores is what its selection on the fitness problems added. The last column
+compares each model with the best seed on the same test problems: the mean difference per problem and
+its standard error (the models are scored again from their saved folders, ``best_model``, to get
+per-problem scores; fixed merges carry theirs in ``simple_merges.json``). Adds the fixed
 merges of ``RUNS/simple/simple_merges.json`` (``simple_merges.py --out RUNS/simple``) when present, and
 M2N2's best model at its logged point nearest ``--m2n2-at`` evaluations (to compare it with the
 baselines run on a smaller budget).
@@ -18,34 +21,56 @@ import json
 import pathlib
 import sys
 
-METHODS = [("ps", "PS"), ("dfs", "DFS"), ("ps_dfs", "PS + DFS"), ("m2n2", "M2N2"), ("ga", "GA"),
+import numpy as np
+
+METHODS = [("ps", "PS"), ("ps_ties", "PS with TIES (no DARE)"), ("dfs", "DFS"), ("ps_dfs", "PS + DFS"), ("m2n2", "M2N2"), ("ga", "GA"),
            ("map_elites", "MAP-Elites"), ("cmaes_slerp", "CMA-ES over SLERP")]
 
 
-def seed_fitness(run_dir: pathlib.Path) -> dict[str, dict[str, float]]:
-    """Scores of every seed (and the base) on the fitness problems of ``run_dir``'s config."""
-    import jax
+class Scorer:
+    """Per-problem scores of saved models (Hugging Face folders or path models) on a run config's task."""
 
-    from evojax_merge.evolve_config import load_evolve_config
-    from evojax_merge.models import hf_io
-    from evojax_merge.run import llm_evolve
+    def __init__(self, run_dir: pathlib.Path):
+        from evojax_merge.evolve_config import load_evolve_config
+        from evojax_merge.models import hf_io
+        from evojax_merge.run import llm_evolve
 
-    config = load_evolve_config(run_dir / "config.yaml")
-    seeds = llm_evolve.load_seeds(config, need_base=False)
-    suite = llm_evolve.suite_for(config, seeds.config, seeds.tokenizer)
-    scores = jax.jit(suite.scores)
-    names, models = list(seeds.names), list(seeds.models)
-    base = llm_evolve.seed_folders(config)[1]
-    if base is not None:
-        names.append(base)
-        models.append(hf_io.load_hf_folder(base)[1])
-    return {name: suite.accuracies(scores(model, suite.train), suite.train) for name, model in zip(names, models)}
+        self.config = load_evolve_config(run_dir / "config.yaml")
+        self.tokenizer = hf_io.load_tokenizer(llm_evolve.seed_folders(self.config)[0][0])
+        self._compiled = {}
+
+    def __call__(self, folder: str) -> dict[str, np.ndarray]:
+        """``{"fitness": scores, "test": scores}``, one score per problem (the skills concatenated)."""
+        import jax
+
+        from evojax_merge.models import hf_io, path_io
+        from evojax_merge.run import llm_evolve
+
+        load = path_io.load_path_model if path_io.is_path_model(folder) else hf_io.load_hf_folder
+        model_config, params = load(folder)
+        if model_config not in self._compiled:  # one compilation per architecture
+            suite = llm_evolve.suite_for(self.config, model_config, self.tokenizer)
+            self._compiled[model_config] = suite, jax.jit(suite.scores)
+        suite, scores = self._compiled[model_config]
+        return {"fitness": np.asarray(scores(params, suite.train)), "test": np.asarray(scores(params, suite.test))}
+
+    def accuracies(self, points: np.ndarray, split: str) -> dict[str, float]:
+        suite = next(iter(self._compiled.values()))[0]
+        return suite.accuracies(points, suite.train if split == "fitness" else suite.test)
 
 
-def row(name: str, test: dict, fitness: dict | None) -> str:
+def paired(points: np.ndarray | None, reference: np.ndarray | None) -> str:
+    """Mean difference to the reference on the same problems, in points, +- its standard error."""
+    if points is None or reference is None:
+        return ""
+    d = 100 * (np.asarray(points, np.float64) - reference)
+    return f"{d.mean():+.1f} ± {d.std(ddof=1) / np.sqrt(len(d)):.1f}"
+
+
+def row(name: str, test: dict, fitness: dict | None, versus: str = "") -> str:
     cells = [f"{100 * test[k]:.1f}" for k in ("arithmetic", "list_ops", "all")]
     cells.append("" if fitness is None else f"{100 * fitness['all']:.1f}")
-    return f"| {name} | " + " | ".join(cells) + " |"
+    return f"| {name} | " + " | ".join(cells + [versus]) + " |"
 
 
 def m2n2_at(run_dir: pathlib.Path, evaluations: int) -> tuple[int, dict, dict] | None:
@@ -67,7 +92,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="?", default="runs/llm_merge")
     ap.add_argument("--m2n2-at", type=int, default=250, help="also show M2N2 after about this many evaluations")
-    ap.add_argument("--no-seed-fitness", action="store_true", help="do not score the seeds on the fitness problems")
+    ap.add_argument("--no-rescore", action="store_true",
+                    help="do not score the saved models again (no seed fitness, no paired comparison)")
     a = ap.parse_args(argv)
     root = pathlib.Path(a.runs)
     summaries = {key: json.loads((root / key / "summary.json").read_text())
@@ -76,23 +102,37 @@ def main(argv=None) -> int:
         print(f"error: no summary.json under {root}", file=sys.stderr)
         return 2
     with_seeds = next((k for k, s in summaries.items() if "seeds_test" in s), None)
-    lines = ["| model | arithmetic (test) | list_ops (test) | both (test) | both (fitness problems) |",
-             "|---|---|---|---|---|"]
+    scorer = None if a.no_rescore else Scorer(root / next(iter(summaries)))
+    points = {}  # label -> per-problem test scores, for the paired comparison with the best seed
+    lines = ["| model | arithmetic (test) | list_ops (test) | both (test) | both (fitness problems) "
+             "| both (test) vs the best seed, paired |", "|---|---|---|---|---|---|"]
+    seed_rows = []
     if with_seeds is not None:
-        fitness = {} if a.no_seed_fitness else seed_fitness(root / with_seeds)
         for folder, test in summaries[with_seeds]["seeds_test"].items():
             name = pathlib.Path(folder).parent.name  # runs/llm_seeds/<name>/model
             label = name if name == "base" else f"{name} specialist"
-            lines.append(row(label, test, fitness.get(folder)))
+            scored = None if scorer is None else scorer(folder)
+            fitness = None if scored is None else scorer.accuracies(scored["fitness"], "fitness")
+            points[label] = None if scored is None else scored["test"]
+            seed_rows.append((label, test, fitness))
+    specialists = [(t["all"], label) for label, t, _ in seed_rows if label != "base"]
+    best_seed = max(specialists)[1] if specialists else None
+    reference = points.get(best_seed)
+    for label, test, fitness in seed_rows:
+        versus = "(best seed)" if label == best_seed else paired(points[label], reference)
+        lines.append(row(label, test, fitness, versus))
     simple = root / "simple" / "simple_merges.json"
     if simple.is_file():
         for label, scores in json.loads(simple.read_text())["scores"].items():
             if label not in ("base", "arithmetic", "list_ops"):  # the seeds are above
-                lines.append(row(f"fixed: {label}", scores["test"], scores["fitness"]))
+                lines.append(row(f"fixed: {label}", scores["test"], scores["fitness"],
+                                 paired(scores.get("test_points"), reference)))
     for key, label in METHODS:
         if key in summaries:
             s = summaries[key]
-            lines.append(row(label, s["best_test"], s.get("best_train")))
+            folder = root / key / ("dfs" if key == "ps_dfs" else "") / "best_model"
+            mine = scorer(str(folder))["test"] if scorer is not None and folder.is_dir() else None
+            lines.append(row(label, s["best_test"], s.get("best_train"), paired(mine, reference)))
             early = m2n2_at(root / key, a.m2n2_at) if key == "m2n2" else None
             if early is not None and early[0] < s.get("evaluations", early[0] + 1):
                 lines.append(row(f"M2N2 after {early[0]} evaluations", early[1], early[2]))
