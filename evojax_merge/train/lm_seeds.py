@@ -3,9 +3,10 @@
 The analogue of the paper's math + agent merge at a size a CPU trains in minutes. A small Llama with
 the character tokenizer is trained from scratch on a mix of two synthetic skills (arithmetic word
 problems and list manipulation, :mod:`evojax_merge.data.synthetic_text`); each specialist is then
-fine-tuned from that base on one skill alone. Both specialists share the base's weights as their
-common ancestor (what task-vector merges such as TIES/DARE assume), each is good at its own skill and
-has forgotten some of the other: merging them is worth something.
+fine-tuned from that base on its own skill, plus a small replayed share of the other's
+(``specialist_replay``). Both specialists share the base's weights as their common ancestor (what
+task-vector merges such as TIES/DARE assume), and each is clearly better than the other at its own
+skill: merging them is worth something.
 
 :func:`build_seeds` writes everything the merging experiments read::
 

@@ -23,8 +23,8 @@ import sys
 
 import numpy as np
 
-METHODS = [("ps", "PS"), ("ps_ties", "PS with TIES (no DARE)"), ("dfs", "DFS"), ("ps_dfs", "PS + DFS"), ("m2n2", "M2N2"), ("ga", "GA"),
-           ("map_elites", "MAP-Elites"), ("cmaes_slerp", "CMA-ES over SLERP")]
+METHODS = [("ps", "PS"), ("ps_ties", "PS with TIES (no DARE)"), ("dfs", "DFS"), ("ps_dfs", "PS + DFS"),
+           ("m2n2", "M2N2"), ("ga", "GA"), ("map_elites", "MAP-Elites"), ("cmaes_slerp", "CMA-ES over SLERP")]
 
 
 class Scorer:
