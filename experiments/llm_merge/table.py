@@ -7,8 +7,8 @@ and on the fitness problems the search used; ``seeds_test``) and scores the seed
 problems (about a minute with the rescoring below), so that the two columns of every row are
 comparable: the gap between a method's fitness and test scores is what its selection on the fitness
 problems added. The last column compares each model with the best seed on the same test problems:
-the mean difference per problem and its standard error (the models are scored again from their saved folders, ``best_model``, to get
-per-problem scores; fixed merges carry theirs in ``simple_merges.json``). Adds the fixed
+the mean difference per problem and its standard error (the models are scored again from their saved
+folders, ``best_model``, to get per-problem scores; fixed merges carry theirs in ``simple_merges.json``). Adds the fixed
 merges of ``RUNS/simple/simple_merges.json`` (``simple_merges.py --out RUNS/simple``) when present, and
 M2N2's best model at its logged point nearest ``--m2n2-at`` evaluations (to compare it with the
 baselines run on a smaller budget).
