@@ -24,6 +24,7 @@ import pathlib
 from typing import Any
 
 from evojax_merge.config import _check, from_dict, read_yaml_with_overrides
+from evojax_merge.tasks.kinds import KINDS, NONNEGATIVE_KINDS
 
 SEARCHES = ("ps", "dfs", "ps_dfs", "m2n2")
 DTYPES = ("float32", "bfloat16")
@@ -49,7 +50,7 @@ class SeedsConfig:
 @dataclasses.dataclass
 class SkillConfig:
     skill: str = "arithmetic"  # evojax_merge.data.synthetic_text.SKILLS
-    kind: str = "exact_match"  # exact_match | prefix_match | answer_match | loglik | choice
+    kind: str = "exact_match"  # exact_match | prefix_match | answer_match | loglik | answer_prob | choice
     n_train: int = 64
     n_test: int = 128
     data_seed: int = 0
@@ -63,6 +64,10 @@ class TaskConfig:
     from_manifest: bool = False
     n_fitness: int | None = None  # from_manifest: the first n of each skill's fitness split; null: all
     n_test: int | None = None  # from_manifest: the first n of each skill's test split; null: all
+    # The score searched on, for every skill (null: each skill's own kind). ``answer_prob``: the
+    # probability of the reference answer and its EOS, a smooth exact match that needs one forward pass
+    # instead of a generation; the test split is still scored by each skill's own kind.
+    fitness_kind: str | None = None
     # Otherwise: data generated per skill (evojax_merge.data.synthetic_text).
     skills: list[SkillConfig] = dataclasses.field(default_factory=lambda: [
         SkillConfig("arithmetic", "exact_match"), SkillConfig("list_ops", "prefix_match")])
@@ -77,6 +82,8 @@ class TaskConfig:
         _check(self.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")
         _check(self.n_fitness is None or self.n_fitness >= 1, "task.n_fitness", "must be >= 1 (or null)")
         _check(self.n_test is None or self.n_test >= 1, "task.n_test", "must be >= 1 (or null)")
+        _check(self.fitness_kind is None or self.fitness_kind in KINDS, "task.fitness_kind",
+               f"must be one of {KINDS} (or null)")
 
 
 @dataclasses.dataclass
@@ -204,11 +211,15 @@ class EvolveConfig:
         self.run.validate()
         _check(not self.task.from_manifest or self.seeds.manifest is not None, "task.from_manifest",
                "needs seeds.manifest (the seeds.json whose fitness and test splits it reads)")
-        if self.search == "m2n2" and not self.task.from_manifest:
+        if self.search == "m2n2":
             # Competition divides by the archive's total score per point: it needs scores >= 0.
-            kinds = [s.kind for s in self.task.skills]
-            _check("loglik" not in kinds, "task.skills", "cannot use kind 'loglik' (negative scores) with search "
-                   "m2n2: its competition needs scores >= 0; use exact_match, prefix_match or choice")
+            _check(self.task.fitness_kind in (None, *NONNEGATIVE_KINDS), "task.fitness_kind",
+                   "cannot be 'loglik' (negative scores) with search m2n2: its competition needs scores >= 0; "
+                   f"use one of {NONNEGATIVE_KINDS}")
+            if not self.task.from_manifest and self.task.fitness_kind is None:
+                kinds = [s.kind for s in self.task.skills]
+                _check("loglik" not in kinds, "task.skills", "cannot use kind 'loglik' (negative scores) with "
+                       f"search m2n2: its competition needs scores >= 0; use one of {NONNEGATIVE_KINDS}")
         if self.search in ("dfs", "ps_dfs", "m2n2"):
             _check(len(self.seeds.models) >= 2 or self.search == "ps_dfs", "seeds.models",
                    f"must list at least two models for search {self.search!r}")

@@ -141,3 +141,48 @@ def test_a_task_from_the_manifest_needs_a_manifest(tmp_path, manifest):
     root, _ = manifest
     with pytest.raises(ConfigError, match="task.from_manifest"):
         _config(tmp_path, root, ["seeds.manifest=null"])
+
+
+def test_an_answer_probability_fitness_scores_the_fitness_split_and_keeps_exact_match_on_test(tmp_path, manifest):
+    root, folders = manifest
+    model_config, model_a = hf_io.load_hf_folder(folders["specialist_a"])
+    tokenizer = hf_io.load_tokenizer(folders["specialist_a"])
+    suite = llm_evolve.suite_for(_config(tmp_path, root, ["task.fitness_kind=answer_prob"]), model_config, tokenizer)
+    fitness = np.asarray(suite.scores(model_a, suite.train))
+    # Independently: the product over the answer's characters and the EOS of A's next-token probabilities.
+    expected = []
+    for skill in suite.names:
+        for e in read_jsonl(root / "data" / f"{skill}_fitness.jsonl"):
+            ids = CHARS.encode(e.prompt + e.answer) + [model_config.eos_token_id[0]]
+            p = np.asarray(llama.apply(model_a, jnp.asarray([ids]), config=model_config)[0], np.float64)
+            p = np.exp(p - p.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            n = len(e.answer) + 1
+            expected.append(np.prod([p[len(ids) - 1 - n + j, ids[len(ids) - n + j]] for j in range(n)]))
+    np.testing.assert_allclose(fitness, expected, rtol=1e-3)
+    assert np.all((fitness > 0) & (fitness < 1))  # a probability, not a 0/1 match
+    # The test split keeps each skill's own scorer: A's exact scores as without the option.
+    test = np.asarray(suite.scores(model_a, suite.test, test=True))
+    assert suite.accuracies(test, suite.test) == pytest.approx(EXPECTED_A_TEST)
+
+    # A search on it: the fitness column is a probability, the reported test scores exact match.
+    run_dir = tmp_path / "ps_prob"
+    run_dir.mkdir()
+    ps = llm_evolve.run_evolve(_config(tmp_path, root, ["task.fitness_kind=answer_prob"],
+                                       ps={"search": {"population": 2, "generations": 1, "batch_size": 2}}),
+                               run_dir, progress=False)
+    assert 0 < ps["best_train"]["all"] < 1
+    assert ps["seeds_test"][str(root / "specialist_a")] == pytest.approx(EXPECTED_A_TEST)
+    n_test = {"arithmetic": 4, "list_ops": 3}
+    for skill, n in n_test.items():  # exact match on n problems: a multiple of 1/n
+        assert ps["best_test"][skill] * n == pytest.approx(round(ps["best_test"][skill] * n), abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.fitness_kind=bleu"], "task.fitness_kind.*must be one of"),
+    (["search=m2n2", "task.fitness_kind=loglik"], "task.fitness_kind.*negative scores"),
+])
+def test_a_bad_fitness_kind_is_a_config_error(tmp_path, manifest, overrides, message):
+    root, _ = manifest
+    with pytest.raises(ConfigError, match=message):
+        _config(tmp_path, root, overrides)

@@ -116,6 +116,19 @@ def test_loglik_and_choice_scores(params):
         ref = sum(float(logp[len(ids[0]) - 1 - n + j, ids[0, len(ids[0]) - n + j]]) for j in range(n))
         assert got == pytest.approx(ref, abs=1e-3)
 
+    # answer_prob: the probability of the answer's characters and then EOS, one unpadded row at a time.
+    pbatch = lm.loglik_batch(TOK, [e.prompt for e in train], [e.answer for e in train], TOK.pad_token_id,
+                             eos_id=TOK.eos_token_id)
+    probs = np.asarray(lm.make_scorer("answer_prob", CONFIG)(params, pbatch))
+    for e, got in zip(train, probs):
+        ids = TOK.encode(e.prompt + e.answer) + [TOK.eos_token_id]
+        p = jax.nn.softmax(forward(params, np.array(ids)[None])[0, :-1])
+        n = len(e.answer) + 1
+        ref = np.prod([float(p[len(ids) - 1 - n + j, ids[len(ids) - n + j]]) for j in range(n)])
+        assert got == pytest.approx(ref, rel=1e-3) and 0 < got < 1
+    # The EOS is scored too: the probability is below the likelihood of the answer alone.
+    assert np.all(np.log(probs) < ll)
+
     cbatch = lm.choice_batch(TOK, train, TOK.pad_token_id)
     assert cbatch["input_ids"].shape[:2] == (5, 4)
     scores = np.asarray(lm.make_scorer("choice", CONFIG)(params, cbatch))

@@ -30,6 +30,7 @@ import dataclasses
 import math
 import pathlib
 import time
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -126,10 +127,11 @@ def suite_for(config: EvolveConfig, model_config: llama.LlamaConfig, tokenizer) 
             fitness, test = manifest.tasks("fitness", task.n_fitness), manifest.tasks("test", task.n_test)
         except DataError as e:
             raise ConfigError(f"config keys 'task.n_fitness' / 'task.n_test': {e}") from None
-        skills = [GivenSkill(f.name, f.kind, f.examples, t.examples, f.max_new_tokens) for f, t in zip(fitness, test)]
+        skills = [GivenSkill(f.name, f.kind, f.examples, t.examples, f.max_new_tokens, task.fitness_kind)
+                  for f, t in zip(fitness, test)]
         return suite_from_examples(skills, tokenizer, model_config, prompt_format=manifest.prompt_format,
                                    scan_layers=task.scan_layers)
-    skills = [SkillSpec(s.skill, s.kind, s.n_train, s.n_test, s.data_seed) for s in config.task.skills]
+    skills = [SkillSpec(s.skill, s.kind, s.n_train, s.n_test, s.data_seed, task.fitness_kind) for s in task.skills]
     return build_suite(skills, tokenizer, model_config, prompt_format=config.task.prompt_format,
                        max_new_tokens=config.task.max_new_tokens, scan_layers=config.task.scan_layers)
 
@@ -259,7 +261,7 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
                            lambda key, genomes, scores, state: search.tell(key, genomes, scores, state, params),
                            evaluate, mesh)
 
-    scores_of = jax.jit(lambda genome, batches, data: suite.scores(problem.realise(genome, data), batches))
+    scores_of = jax.jit(lambda genome, batches, data: suite.scores(problem.realise(genome, data), batches, test=True))
     test_scores = lambda genome, batches: scores_of(genome, batches, problem.data)  # noqa: E731
     key = jax.random.key(config.run.seed)
     key, key_init = jax.random.split(key)
@@ -386,11 +388,12 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
                            lambda key, children, scores, state: strategy.tell(key, children, scores, state, params),
                            score_children, mesh)
 
-    scores_of_best = jax.jit(lambda state, batches: suite.scores(strategy.best(state)[0], batches))
+    scores_of_best = jax.jit(lambda state, batches, test: suite.scores(strategy.best(state)[0], batches, test=test),
+                             static_argnames="test")
 
     def best_member_scores(state):
         if m.archive == "map_elites":  # a grid keeps only each elite's mean: score the best one again
-            return np.asarray(scores_of_best(state, suite.train))
+            return np.asarray(scores_of_best(state, suite.train, test=False))
         return _best_member_scores(state)
 
     key = jax.random.key(config.run.seed)
@@ -408,7 +411,8 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
         return state, 1 if in_warmup else m.children_per_step
 
     loop = _run_loop(stage_dir, config, suite, state, key, _history(steps + 1, M2N2_METRICS, suite), steps,
-                     initial_row, step_row, lambda s: scores_of_best(s, suite.test), resume, progress, config.name)
+                     initial_row, step_row, lambda s: scores_of_best(s, suite.test, test=True), resume, progress,
+                     config.name)
     state, history, i = loop.state, loop.history, loop.last
     best, best_score = strategy.best(state)
     _plot(stage_dir, history, i, config.name)
@@ -420,7 +424,7 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
         "evaluations": int(history["evaluations"][i]),
         "best_train_score_search": float(best_score),
         "best_train": suite.accuracies(best_member_scores(state), suite.train),
-        "best_test": suite.accuracies(scores_of_best(state, suite.test), suite.test),
+        "best_test": suite.accuracies(scores_of_best(state, suite.test, test=True), suite.test),
         "archive_filled": int(np.sum(np.asarray(state.filled))),
         "rejected_nonfinite_candidates": int(state.num_rejected_nonfinite),
         **loop.speed(),
@@ -503,7 +507,7 @@ def score_seeds(config: EvolveConfig) -> dict[str, dict[str, float]]:
     for name, model, model_config in zip(names, models, seeds.configs + [seeds.config]):
         if model_config not in compiled:  # one compilation per architecture, not per model
             suite = suite_for(config, model_config, seeds.tokenizer)
-            compiled[model_config] = suite, jax.jit(suite.scores)
+            compiled[model_config] = suite, jax.jit(partial(suite.scores, test=True))
         suite, scores = compiled[model_config]
         out[name] = suite.accuracies(scores(model, suite.test), suite.test)
     return out

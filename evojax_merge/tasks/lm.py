@@ -12,6 +12,9 @@ and ``jax.vmap`` scores a population of merged models in one call.
 - :func:`answer_match_scores`: greedy generation must be exactly the answer's tokens followed by an
   end-of-sequence token (string answers from a model trained to stop: "4" does not match "45").
 - :func:`loglik_scores`: log-likelihood of the reference continuation (sum or per-token mean).
+- :func:`answer_prob_scores`: probability of the reference answer and its end-of-sequence token under
+  teacher forcing: a smooth exact match in [0, 1] (one forward pass, no generation), the fitness that
+  separates candidates whose greedy answers tie.
 - :func:`choice_scores`: 1 when the reference continuation is the most likely of the choices.
 
 Batches are dicts of numpy arrays built on the host once per data set (``*_batch`` builders): prompts
@@ -202,14 +205,17 @@ def answer_match_scores(params, batch: Batch, *, config: llama.LlamaConfig, max_
 
 # --------------------------------------------------------------------------- likelihood-based tasks
 def loglik_batch(tokenizer, prompts: Sequence[str], continuations: Sequence[str], pad_id: int,
-                 width: int | None = None) -> Batch:
+                 width: int | None = None, eos_id: int | None = None) -> Batch:
     """Left-padded prompt+continuation rows; ``target_mask`` (N, T-1) marks the continuation tokens
-    among the predicted positions 1..T-1."""
+    among the predicted positions 1..T-1. With ``eos_id`` every continuation ends with that token (an
+    answer's end is part of what a model trained to stop must predict)."""
     rows, n_cont = [], []
     for p, c in zip(prompts, continuations):
         head, full = encode(tokenizer, p), encode(tokenizer, p + c)
         if full[:len(head)] != head or len(full) == len(head):
             full = head + encode(tokenizer, c)  # the boundary merged: score the continuation alone
+        if eos_id is not None:
+            full = full + [int(eos_id)]
         rows.append(full)
         n_cont.append(len(full) - len(head))
     ids, mask = _left_pad(rows, pad_id, width)
@@ -226,6 +232,14 @@ def loglik_scores(params, batch: Batch, *, config: llama.LlamaConfig, mean: bool
     target = jnp.asarray(batch["target_mask"], lp.dtype)
     total = jnp.sum(lp * target, axis=-1)
     return total / jnp.maximum(target.sum(-1), 1.0) if mean else total
+
+
+def answer_prob_scores(params, batch: Batch, *, config: llama.LlamaConfig) -> jax.Array:
+    """Probability (N,) that the model continues each prompt with exactly the reference answer and its
+    EOS (a batch from :func:`loglik_batch` with ``eos_id``): the product of the teacher-forced token
+    probabilities. Greedy decoding yields the answer whenever this exceeds 1/2, so it is a smooth,
+    lower-variance stand-in for exact match, in [0, 1] like it (M2N2's competition needs scores >= 0)."""
+    return jnp.exp(loglik_scores(params, batch, config=config))
 
 
 def choice_batch(tokenizer, examples: Sequence[TextExample], pad_id: int,
@@ -259,7 +273,8 @@ def choice_scores(params, batch: Batch, *, config: llama.LlamaConfig, mean: bool
 def make_scorer(kind: str, config: llama.LlamaConfig, tokenizer=None, *, max_new_tokens: int = 16,
                 pad_token_id: int = 0, scan_layers: bool = False) -> Callable:
     """A jit-compiled ``scores(params, batch) -> (N,)`` of one kind: "exact_match", "prefix_match",
-    "answer_match", "loglik" or "choice". Vmap it over a population: ``jax.vmap(scorer, in_axes=(0, None))``.
+    "answer_match", "loglik", "answer_prob" or "choice".
+    Vmap it over a population: ``jax.vmap(scorer, in_axes=(0, None))``.
     ``scan_layers`` (generation kinds): compile faster, decode slower (see ``llama.generate``)."""
     if kind == "exact_match":
         if tokenizer is None:
@@ -274,9 +289,11 @@ def make_scorer(kind: str, config: llama.LlamaConfig, tokenizer=None, *, max_new
                      pad_token_id=pad_token_id, scan_layers=scan_layers)
     elif kind == "loglik":
         fn = partial(loglik_scores, config=config)
+    elif kind == "answer_prob":
+        fn = partial(answer_prob_scores, config=config)
     elif kind == "choice":
         fn = partial(choice_scores, config=config)
     else:
         raise DataError(f"unknown LM task kind {kind!r}; known: exact_match, prefix_match, answer_match, "
-                        "loglik, choice")
+                        "loglik, answer_prob, choice")
     return jax.jit(fn)

@@ -2,9 +2,14 @@
 
 An evolutionary merge of specialists is scored on all of their skills at once (math and list
 manipulation, math and agent tasks, ...). A :class:`SkillSuite` holds each skill's train and test
-batches and its scorer (:mod:`evojax_merge.tasks.lm`); :meth:`SkillSuite.scores` returns one score per
+batches and its scorers (:mod:`evojax_merge.tasks.lm`); :meth:`SkillSuite.scores` returns one score per
 data point of every skill, in skill order, so M2N2's competition sees each problem as a resource and
 CMA-ES's fitness (the mean) weighs every problem equally.
+
+A skill may be searched on a different score than it is tested on (``fitness_kind``): e.g. the
+probability of the answer (``answer_prob``, smooth, one forward pass) as the fitness and greedy exact
+match on the test split. The train batches are built for the fitness kind, the test batches for the
+skill's own kind; ``scores(..., test=True)`` applies the test scorers.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from evojax_merge.data.synthetic_text import make_splits
 from evojax_merge.errors import ConfigError
 from evojax_merge.models import llama
 from evojax_merge.tasks import lm
+from evojax_merge.tasks.kinds import KINDS
 
-KINDS = ("exact_match", "prefix_match", "answer_match", "loglik", "choice")
 PROMPT_FORMATS = {"plain": lambda p: p, "chatml": lm.chatml}
 
 
@@ -33,20 +38,27 @@ class SkillSpec:
     n_train: int = 64
     n_test: int = 128
     data_seed: int = 0
+    fitness_kind: str | None = None  # the score searched on (train split); None: ``kind``
 
 
 @dataclasses.dataclass(frozen=True)
 class SkillSuite:
-    """Skills with their batches (``train`` / ``test``: one batch dict per skill) and scorers."""
+    """Skills with their batches (``train`` / ``test``: one batch dict per skill) and scorers
+    (``scorers`` for the train batches, ``test_scorers`` for the test batches)."""
 
     names: tuple[str, ...]
     scorers: tuple[Callable, ...]
     train: tuple[dict, ...]
     test: tuple[dict, ...]
+    test_scorers: tuple[Callable, ...] | None = None  # None: the same as ``scorers``
 
-    def scores(self, params: Any, batches: Sequence[dict]) -> jnp.ndarray:
-        """Per-data-point scores of every skill, concatenated (N_1 + N_2 + ...,); traceable."""
-        return jnp.concatenate([score(params, b) for score, b in zip(self.scorers, batches)])
+    def scores(self, params: Any, batches: Sequence[dict], *, test: bool = False) -> jnp.ndarray:
+        """Per-data-point scores of every skill, concatenated (N_1 + N_2 + ...,); traceable.
+
+        ``batches`` are the ``train`` batches, or the ``test`` batches with ``test=True`` (the two may
+        be scored differently, see ``fitness_kind``)."""
+        scorers = self.test_scorers if test and self.test_scorers is not None else self.scorers
+        return jnp.concatenate([score(params, b) for score, b in zip(scorers, batches)])
 
     def sizes(self, batches: Sequence[dict]) -> list[int]:
         return [int(np.shape(b["input_ids"])[0]) for b in batches]
@@ -72,7 +84,7 @@ def build_suite(skills: Sequence[SkillSpec], tokenizer, config: llama.LlamaConfi
     given = []
     for s in skills:
         train, test = make_splits(s.skill, s.n_train, s.n_test, s.data_seed)
-        given.append(GivenSkill(s.skill, s.kind, tuple(train), tuple(test), max_new_tokens))
+        given.append(GivenSkill(s.skill, s.kind, tuple(train), tuple(test), max_new_tokens, s.fitness_kind))
     return suite_from_examples(given, tokenizer, config, prompt_format=prompt_format, scan_layers=scan_layers)
 
 
@@ -85,6 +97,7 @@ class GivenSkill:
     train: tuple  # TextExample: every candidate is scored on these (the fitness)
     test: tuple  # TextExample: held out, scored for the best model only
     max_new_tokens: int
+    fitness_kind: str | None = None  # how ``train`` is scored; None: ``kind``
 
 
 def suite_from_examples(skills: Sequence[GivenSkill], tokenizer, config: llama.LlamaConfig, *,
@@ -103,20 +116,29 @@ def suite_from_examples(skills: Sequence[GivenSkill], tokenizer, config: llama.L
         raise ConfigError(f"a skill is listed twice: {names}")
     fmt = PROMPT_FORMATS[prompt_format]
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    scorers, train, test = [], [], []
+    scorers, test_scorers, train, test = [], [], [], []
     for s in skills:
-        if s.kind not in KINDS:
-            raise ConfigError(f"unknown LM task kind {s.kind!r} for skill {s.name!r}; known: {KINDS}")
-        train.append(_batch(s.kind, tokenizer, s.train, pad, fmt))
-        test.append(_batch(s.kind, tokenizer, s.test, pad, fmt))
-        scorers.append(lm.make_scorer(s.kind, config, tokenizer, max_new_tokens=s.max_new_tokens,
+        fitness_kind = s.fitness_kind or s.kind
+        for kind, what in ((s.kind, "kind"), (fitness_kind, "fitness kind")):
+            if kind not in KINDS:
+                raise ConfigError(f"unknown LM task {what} {kind!r} for skill {s.name!r}; known: {KINDS}")
+        if fitness_kind == "answer_prob" and not config.eos_token_id:
+            raise ConfigError(f"fitness kind 'answer_prob' (skill {s.name!r}) needs the model config's "
+                              "eos_token_id: the answer's probability includes its end")
+        train.append(_batch(fitness_kind, tokenizer, s.train, pad, fmt, config))
+        test.append(_batch(s.kind, tokenizer, s.test, pad, fmt, config))
+        for kind, out in ((fitness_kind, scorers), (s.kind, test_scorers)):
+            out.append(lm.make_scorer(kind, config, tokenizer, max_new_tokens=s.max_new_tokens,
                                       pad_token_id=pad, scan_layers=scan_layers))
-    return SkillSuite(tuple(names), tuple(scorers), tuple(train), tuple(test))
+    return SkillSuite(tuple(names), tuple(scorers), tuple(train), tuple(test), tuple(test_scorers))
 
 
-def _batch(kind, tokenizer, examples, pad, fmt) -> dict:
+def _batch(kind, tokenizer, examples, pad, fmt, config: llama.LlamaConfig) -> dict:
     if kind in ("exact_match", "prefix_match", "answer_match"):
         return lm.generation_batch(tokenizer, examples, pad, prompt_format=fmt)
-    if kind == "loglik":
-        return lm.loglik_batch(tokenizer, [fmt(e.prompt) for e in examples], [e.answer for e in examples], pad)
+    if kind in ("loglik", "answer_prob"):
+        # answer_prob scores the answer and the EOS that ends it, as the specialists were trained.
+        eos = config.eos_token_id[0] if kind == "answer_prob" else None
+        return lm.loglik_batch(tokenizer, [fmt(e.prompt) for e in examples], [e.answer for e in examples], pad,
+                               eos_id=eos)
     return lm.choice_batch(tokenizer, examples, pad, prompt_format=fmt)

@@ -47,12 +47,13 @@ def main(argv=None) -> int:
 
     try:
         config = load_evolve_config(a.config, a.set)
+        config.task.fitness_kind = None  # both splits by each skill's own scorer: exact match
         seeds = llm_evolve.load_seeds(config, need_base=True)
         suite = llm_evolve.suite_for(config, seeds.config, seeds.tokenizer)
     except EvojaxMergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    scores = jax.jit(suite.scores)
+    scores = jax.jit(suite.scores, static_argnames="test")
     stacked = stack_trees(*seeds.models)
     models = {name: model for name, model in zip(config.seeds.models, seeds.models)}
     models[config.seeds.base] = seeds.base
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
 
     rows = {}
     for label, model in models.items():
-        test = np.asarray(scores(model, suite.test))
+        test = np.asarray(scores(model, suite.test, test=True))
         rows[label] = {
             "fitness": suite.accuracies(scores(model, suite.train), suite.train),
             "test": suite.accuracies(test, suite.test),

@@ -36,6 +36,9 @@ class Scorer:
         from evojax_merge.run import llm_evolve
 
         self.config = load_evolve_config(run_dir / "config.yaml")
+        # Both splits by each skill's own scorer (exact match), whatever score a run searched on, so
+        # every row's fitness column means the same thing.
+        self.config.task.fitness_kind = None
         self.tokenizer = hf_io.load_tokenizer(llm_evolve.seed_folders(self.config)[0][0])
         self._compiled = {}
 
@@ -50,9 +53,10 @@ class Scorer:
         model_config, params = load(folder)
         if model_config not in self._compiled:  # one compilation per architecture
             suite = llm_evolve.suite_for(self.config, model_config, self.tokenizer)
-            self._compiled[model_config] = suite, jax.jit(suite.scores)
+            self._compiled[model_config] = suite, jax.jit(suite.scores, static_argnames="test")
         suite, scores = self._compiled[model_config]
-        return {"fitness": np.asarray(scores(params, suite.train)), "test": np.asarray(scores(params, suite.test))}
+        return {"fitness": np.asarray(scores(params, suite.train)),
+                "test": np.asarray(scores(params, suite.test, test=True))}
 
     def accuracies(self, points: np.ndarray, split: str) -> dict[str, float]:
         suite = next(iter(self._compiled.values()))[0]
@@ -131,8 +135,10 @@ def main(argv=None) -> int:
         if key in summaries:
             s = summaries[key]
             folder = root / key / ("dfs" if key == "ps_dfs" else "") / "best_model"
-            mine = scorer(str(folder))["test"] if scorer is not None and folder.is_dir() else None
-            lines.append(row(label, s["best_test"], s.get("best_train"), paired(mine, reference)))
+            mine = scorer(str(folder)) if scorer is not None and folder.is_dir() else None
+            # Rescored, the fitness column is exact match even for a run that searched on another score.
+            fitness = s.get("best_train") if mine is None else scorer.accuracies(mine["fitness"], "fitness")
+            lines.append(row(label, s["best_test"], fitness, paired(None if mine is None else mine["test"], reference)))
             early = m2n2_at(root / key, a.m2n2_at) if key == "m2n2" else None
             if early is not None and early[0] < s.get("evaluations", early[0] + 1):
                 lines.append(row(f"M2N2 after {early[0]} evaluations", early[1], early[2]))
