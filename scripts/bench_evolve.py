@@ -5,7 +5,8 @@ DARE-TIES genes) and for M2N2, on a CPU-sized configuration, and the share of ti
 The models are random (speed does not depend on the weights): a Llama with --layers layers, hidden size
 --hidden, the 100-symbol character vocabulary, a base and two specialists. The task is the experiment's:
 exact match of the generated number on arithmetic problems and prefix match on list problems,
---points training problems per skill, --new-tokens greedy tokens. One candidate = one merged model
+--points training problems per skill, --new-tokens greedy tokens; or, with ``--fitness-kind answer_prob``,
+the probability of each answer (one forward pass, no generation). One candidate = one merged model
 scored on every training problem.
 
 Measured for each search, after compiling: whole generations (ask + merge + score + tell in one compiled
@@ -15,6 +16,7 @@ alone (each compiled by itself, best of --repeats) -> the share of merging in me
 The last line is ``candidates_per_s: <PS candidates per second>``.
 
 Usage: python scripts/bench_evolve.py [--layers 6] [--hidden 192] [--points 32] [--generations 3]
+                                      [--fitness-kind answer_prob]
 """
 
 from __future__ import annotations
@@ -135,17 +137,20 @@ def main():
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4, help="PS candidates merged and scored at once")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fitness-kind", default=None, help="task.fitness_kind, e.g. answer_prob (default: "
+                        "each skill's generation scorer)")
     args = parser.parse_args()
 
     config = EvolveConfig(task=TaskConfig(
         skills=[SkillConfig("arithmetic", "exact_match", args.points, 1),
                 SkillConfig("list_ops", "prefix_match", args.points, 1)],
-        max_new_tokens=args.new_tokens))
+        max_new_tokens=args.new_tokens, fitness_kind=args.fitness_kind)).validate()
     config.ps.search.batch_size = args.batch_size
     seeds = seeds_in_memory(args)
     n_params = sum(x.size for x in jax.tree.leaves(seeds.models[0]))
+    scoring = f"fitness {args.fitness_kind}" if args.fitness_kind else f"{args.new_tokens} new tokens"
     print(f"model: {args.layers} layers, hidden {args.hidden}, {n_params / 1e6:.2f}M parameters; "
-          f"{2 * args.points} training problems, {args.new_tokens} new tokens; devices {jax.devices()}")
+          f"{2 * args.points} training problems, {scoring}; devices {jax.devices()}")
     results = {}
     for name, bench in [("PS (CMA-ES, DARE-TIES genes)", bench_ps), ("M2N2 (archive 15)", bench_m2n2)]:
         r = bench(config, seeds, args)
