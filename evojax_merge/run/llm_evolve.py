@@ -204,8 +204,12 @@ def evaluation_mesh(config: EvolveConfig):
     return None if config.run.mesh is None else population_model_mesh(*config.run.mesh)
 
 
-def generation_step(ask, tell, evaluate, mesh):
+def generation_step(ask, tell, evaluate, mesh, donate_state: bool = False):
     """``step(state, key, batches, data) -> tell's output``: ask, evaluate the candidates, tell.
+
+    ``donate_state``: the compiled step may reuse the input state's buffers for the new state (the
+    caller must not use the old state afterwards). An M2N2 archive of whole models is the largest
+    thing in memory (15 x 135M float32 parameters = 8 GB); without donation a step holds two.
 
     ``ask(key, state) -> (candidates, state)``; ``tell(key, candidates, scores, state)``;
     ``evaluate(candidates, batches, data) -> scores``. Without a mesh the three are one program. With a
@@ -221,7 +225,7 @@ def generation_step(ask, tell, evaluate, mesh):
         return tell(key_tell, candidates, evaluate(candidates, batches, data), state)
 
     if mesh is None:
-        return jax.jit(fused)
+        return jax.jit(fused, donate_argnums=0 if donate_state else ())
     ask_jit, tell_jit = jax.jit(ask), jax.jit(tell)
 
     def step(state, key, batches, data):
@@ -365,7 +369,7 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
     def init(key, batches, population):
         return strategy.init(key, population, score_all(population, batches), params)
 
-    @jax.jit
+    @partial(jax.jit, donate_argnums=0)  # the old archive's memory holds the new one
     def warm_step(state, key, batches, seeds_flat):
         # One child: tell() inserts a leading child axis of any length one child after another.
         key_child, key_tell = jax.random.split(key)
@@ -386,7 +390,7 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
         score_children = lambda children, batches, _: on_mesh(children, None, batches)  # noqa: E731
     step = generation_step(lambda key, state: strategy.ask(key, state, params),
                            lambda key, children, scores, state: strategy.tell(key, children, scores, state, params),
-                           score_children, mesh)
+                           score_children, mesh, donate_state=True)
 
     scores_of_best = jax.jit(lambda state, batches, test: suite.scores(strategy.best(state)[0], batches, test=test),
                              static_argnames="test")

@@ -23,8 +23,10 @@ import sys
 
 import numpy as np
 
-METHODS = [("ps", "PS"), ("ps_ties", "PS with TIES (no DARE)"), ("dfs", "DFS"), ("ps_dfs", "PS + DFS"),
-           ("m2n2", "M2N2"), ("ga", "GA"), ("map_elites", "MAP-Elites"), ("cmaes_slerp", "CMA-ES over SLERP")]
+METHODS = [("ps", "PS"), ("ps_ties", "PS with TIES (no DARE)"),
+           ("ps_ties_prob", "PS with TIES, fitness: answer probability"), ("dfs", "DFS"), ("ps_dfs", "PS + DFS"),
+           ("m2n2", "M2N2"), ("m2n2_prob", "M2N2, fitness: answer probability"), ("ga", "GA"),
+           ("map_elites", "MAP-Elites"), ("cmaes_slerp", "CMA-ES over SLERP")]
 
 
 class Scorer:
@@ -100,8 +102,12 @@ def main(argv=None) -> int:
                     help="do not score the saved models again (no seed fitness, no paired comparison)")
     a = ap.parse_args(argv)
     root = pathlib.Path(a.runs)
+    # The known methods in their order, then any other run under RUNS, labelled by its folder name.
+    known = [key for key, _ in METHODS]
+    others = sorted(p.parent.name for p in root.glob("*/summary.json") if p.parent.name not in known)
+    methods = METHODS + [(key, key) for key in others]
     summaries = {key: json.loads((root / key / "summary.json").read_text())
-                 for key, _ in METHODS if (root / key / "summary.json").is_file()}
+                 for key, _ in methods if (root / key / "summary.json").is_file()}
     if not summaries:
         print(f"error: no summary.json under {root}", file=sys.stderr)
         return 2
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
             if label not in ("base", "arithmetic", "list_ops"):  # the seeds are above
                 lines.append(row(f"fixed: {label}", scores["test"], scores["fitness"],
                                  paired(scores.get("test_points"), reference)))
-    for key, label in METHODS:
+    for key, label in methods:
         if key in summaries:
             s = summaries[key]
             folder = root / key / ("dfs" if key == "ps_dfs" else "") / "best_model"
