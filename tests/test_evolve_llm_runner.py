@@ -79,6 +79,24 @@ def test_m2n2_run_fills_the_archive_with_warmup_merges_then_evolves(tmp_path, se
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["m2n2"]["archive_size"] == 4
 
 
+def test_m2n2_run_resumes_to_the_same_end(tmp_path, seeds):
+    # The steps donate the archive's buffers to the next state: a resumed run must still end identically.
+    path = _config(tmp_path, seeds, search="m2n2", m2n2={"archive_size": 3, "warmup": 2, "evaluations": 7})
+    run = tmp_path / "run"
+    assert main(["evolve", str(path), "--out", str(run), "--no-progress"]) == 0
+    rows = _metrics(run / "metrics.csv")
+    assert [int(r["evaluations"]) for r in rows] == [2, 3, 4, 5, 6, 7]
+    # Drop the last two checkpoints: --resume redoes the last two (evolution) steps.
+    shutil.copytree(run, tmp_path / "resumed")
+    for step in ("4", "5"):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
+    assert main(["evolve", "--resume", str(tmp_path / "resumed"), "--no-progress"]) == 0
+    assert _metrics(tmp_path / "resumed" / "metrics.csv") == rows
+    first, again = (hf_io.load_hf_folder(d / "best_model")[1] for d in (run, tmp_path / "resumed"))
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_map_elites_run_keeps_one_elite_per_cell_of_the_skill_accuracy_grid(tmp_path, seeds):
     config = load_evolve_config(_config(tmp_path, seeds, search="m2n2",
                                         m2n2={"archive": "map_elites", "bins": 4, "warmup": 3, "evaluations": 7}))
