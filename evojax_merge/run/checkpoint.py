@@ -74,7 +74,8 @@ class RunCheckpoints:
                 raise CheckpointError(f"checkpoint {folder} is corrupt: file {name} does not match its checksum")
 
     def restore(self, like):
-        """Restore the latest finished checkpoint into the structure, shapes and dtypes of ``like``."""
+        """Restore the latest finished checkpoint into the structure, shapes and dtypes of ``like`` (arrays,
+        or ``jax.ShapeDtypeStruct`` leaves, e.g. from ``jax.eval_shape``, so the template costs no memory)."""
         step = self.resumable_step()
         if step is None:
             raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
@@ -134,7 +135,7 @@ def _file_hashes(folder: pathlib.Path) -> dict[str, str]:
 
 def _layout(tree) -> dict[str, list]:
     return {
-        jax.tree_util.keystr(path): [list(np.shape(x)), str(_dtype(x))]
+        jax.tree_util.keystr(path): [list(_shape(x)), str(_dtype(x))]
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
 
@@ -144,7 +145,14 @@ def _dtype(x):
     return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
+def _shape(x):
+    return x.shape if isinstance(x, jax.ShapeDtypeStruct) else np.shape(x)
+
+
 def _abstract(x):
+    # A template may be abstract already (jax.eval_shape): nothing is allocated for it.
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
     # jax arrays keep their sharding, so a run laid over a mesh is restored straight onto it.
     sharding = x.sharding if isinstance(x, jax.Array) else None
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)

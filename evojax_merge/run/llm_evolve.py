@@ -402,7 +402,12 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
 
     key = jax.random.key(config.run.seed)
     key, key_init = jax.random.split(key)
-    state = init(key_init, suite.train, population)
+    if resume and _has_checkpoint(stage_dir):
+        # The restore needs only the state's shapes: no seed scoring, and no second archive of whole
+        # models next to the restored one (the largest thing in memory: 8 GB for 15 SmolLM2 models).
+        state = jax.eval_shape(init, key_init, suite.train, population)
+    else:
+        state = init(key_init, suite.train, population)
 
     def initial_row(history, state):
         _m2n2_row(history, 0, n_seeds, state, strategy, {"children_accepted": 0})
@@ -434,6 +439,16 @@ def run_m2n2(stage_dir: pathlib.Path, config: EvolveConfig, seeds: Seeds, suite:
         **loop.speed(),
     }
     return summary | {"best_params": best}
+
+
+def _has_checkpoint(stage_dir: pathlib.Path) -> bool:
+    if not (stage_dir / "checkpoints").is_dir():
+        return False
+    checkpoints = RunCheckpoints(stage_dir / "checkpoints")
+    try:
+        return checkpoints.resumable_step() is not None
+    finally:
+        checkpoints.close()
 
 
 def _best_member_scores(state) -> np.ndarray:
