@@ -64,6 +64,9 @@ class TaskConfig:
     from_manifest: bool = False
     n_fitness: int | None = None  # from_manifest: the first n of each skill's fitness split; null: all
     n_test: int | None = None  # from_manifest: the first n of each skill's test split; null: all
+    # from_manifest: the held-out split the best model is reported on; a bigger one can be added to the
+    # seeds later (train.lm_seeds.add_heldout_split, make_seeds.py --add-split) without retraining them.
+    test_split: str = "test"
     # The score searched on, for every skill (null: each skill's own kind). ``answer_prob``: the
     # probability of the reference answer and its EOS, a smooth exact match that needs one forward pass
     # instead of a generation; the test split is still scored by each skill's own kind.
@@ -82,6 +85,8 @@ class TaskConfig:
         _check(self.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")
         _check(self.n_fitness is None or self.n_fitness >= 1, "task.n_fitness", "must be >= 1 (or null)")
         _check(self.n_test is None or self.n_test >= 1, "task.n_test", "must be >= 1 (or null)")
+        _check(self.test_split not in ("train", "fitness"), "task.test_split",
+               "must be a held-out split, not the seeds' training data or the search's fitness problems")
         _check(self.fitness_kind is None or self.fitness_kind in KINDS, "task.fitness_kind",
                f"must be one of {KINDS} (or null)")
 
@@ -134,6 +139,10 @@ class DFSConfig:
     max_hops: int | None = None  # fixed maximum path length; null: 2 x model A's layers
     indicator_on: float = 1.0  # initial indicator of A's middle layers (first repetition)
     indicator_off: float = -1.0  # initial indicator of every other slot
+    # How far a search step of 1 moves a scale W[i, j] (the indicators move by 1): the search's sigma
+    # suits the indicators, and a real model needs far finer scale steps (SmolLM2: noise of 0.1 on the
+    # scales already breaks it, 0.01 does not).
+    scale_step: float = 1.0
     search: DFSSearchConfig = dataclasses.field(default_factory=DFSSearchConfig)
 
     def validate(self):
@@ -141,6 +150,7 @@ class DFSConfig:
         _check(self.max_hops is None or self.max_hops >= 2, "dfs.max_hops", "must be >= 2 (or null)")
         _check(self.indicator_on > 0, "dfs.indicator_on", "must be > 0")
         _check(self.indicator_off <= 0, "dfs.indicator_off", "must be <= 0")
+        _check(self.scale_step > 0, "dfs.scale_step", "must be > 0")
         self.search.validate("dfs.search")
 
 

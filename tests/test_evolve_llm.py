@@ -181,6 +181,15 @@ def test_genome_decoding_by_hand():
     indicator[[1, 2]] = 1.0  # five chosen slots, three middle hops: the first three are kept
     layers, _ = dataflow.active_hops(space.decode(jnp.asarray(np.concatenate([indicator, w.reshape(-1)]))))
     assert layers == [0, 1, 2, 3, 1]
+    # A finer scale step: W = 1 + 0.1 (w - 1); the initial genome (w = 1) is still W = 1, the path A's own.
+    fine = dataflow.DataFlowSpace((2, 3), repeats=2, max_hops=5, scale_step=0.1)
+    layers, scales = dataflow.active_hops(fine.decode(jnp.asarray(np.concatenate([indicator, w.reshape(-1)]))))
+    assert layers == [0, 1, 2, 3, 1]
+    assert scales == pytest.approx([1.0, 1 + 0.1 * (w[0, 1] - 1), 1 + 0.1 * (w[1, 2] - 1),
+                                    1 + 0.1 * (w[2, 3] - 1), 1 + 0.1 * (w[3, 1] - 1)])
+    assert dataflow.active_hops(fine.decode(fine.init())) == ([0, 1], [1.0, 1.0])
+    with pytest.raises(ConfigError, match="scale_step must be > 0"):
+        dataflow.DataFlowSpace((2, 3), max_hops=5, scale_step=0.0)
 
 
 def test_a_saved_path_model_reloads_to_the_same_logits_and_tokens(tmp_path, pool):

@@ -181,6 +181,8 @@ def test_seeds_of_different_architectures_are_refused(tmp_path, seeds):
     ("ps.search.sigma=0", "ps.search.sigma' must be > 0"),
     ("task.skills=[{skill: arithmetic, kind: loglik}]", "cannot use kind 'loglik'"),
     ("dfs.max_hops=1", "dfs.max_hops' must be >= 2"),
+    ("dfs.scale_step=0", "dfs.scale_step' must be > 0"),
+    ("task.test_split=fitness", "task.test_split' must be a held-out split"),
     ("ps.bogus=1", "unknown config key in 'ps.' 'bogus'"),
 ])
 def test_bad_configs_name_the_key(tmp_path, seeds, override, message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +187,29 @@ def test_a_bad_fitness_kind_is_a_config_error(tmp_path, manifest, overrides, mes
     root, _ = manifest
     with pytest.raises(ConfigError, match=message):
         _config(tmp_path, root, overrides)
+
+
+def test_the_best_model_is_reported_on_the_test_split_the_config_names(tmp_path, manifest):
+    root, folders = manifest
+    seeds = tmp_path / "seeds"
+    shutil.copytree(root, seeds)
+    data = json.loads((seeds / "seeds.json").read_text())
+    for skill, task in data["tasks"].items():  # a second held-out split: here the fitness problems' file
+        task["test_b"] = task["fitness"]
+    (seeds / "seeds.json").write_text(json.dumps(data))
+    config = _config(tmp_path, seeds, ["task.test_split=test_b"],
+                     ps={"search": {"population": 2, "generations": 1, "batch_size": 2}})
+    run_dir = tmp_path / "ps"
+    run_dir.mkdir()
+    summary = llm_evolve.run_evolve(config, run_dir, progress=False)
+    # Model A on the fitness files, scored as a test split: 4 / 5 and 0 / 2 (not test's 2 / 4, 0 / 3).
+    assert summary["seeds_test"][str(seeds / "specialist_a")] == pytest.approx(
+        {"arithmetic": 0.8, "list_ops": 0.0, "all": 4 / 7})
+
+
+@pytest.mark.parametrize("split, error", [("fitness", "held-out"), ("train", "held-out"),
+                                          ("nope", "has no split 'nope'")])
+def test_a_test_split_that_is_not_held_out_or_missing_is_a_config_error(tmp_path, manifest, split, error):
+    root, _ = manifest
+    with pytest.raises(ConfigError, match=error):
+        llm_evolve.run_evolve(_config(tmp_path, root, [f"task.test_split={split}"]), tmp_path, progress=False)

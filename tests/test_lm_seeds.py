@@ -1,12 +1,14 @@
 """The seed builder of the LLM-merging experiment (train/lm_seeds.py) and its tiny test variant."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from lm_seeds import TINY_RECIPE, tiny_lm_seeds  # noqa: F401
 
+from evojax_merge.data.synthetic_text import TextExample, make_splits, read_jsonl
 from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.models import hf_io, llama
 from evojax_merge.tasks import lm
@@ -77,3 +79,45 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="specialist_replay"):
         lm_seeds.build_seeds("/tmp/unused", lm_seeds.SeedRecipe(specialist_replay=1.5))
     assert isinstance(lm_seeds.SeedRecipe().model_config(), llama.LlamaConfig)
+
+
+def test_a_heldout_split_added_later_continues_the_stream_and_is_disjoint(tiny_lm_seeds, tmp_path):
+    _, built = tiny_lm_seeds
+    root = tmp_path / "seeds"
+    shutil.copytree(built, root)  # the fixture is shared: extend a copy
+    skipped = lm_seeds.add_heldout_split(root, "test_large", 5, TINY_RECIPE.data_seed)
+    manifest = lm_seeds.SeedManifest.read(root)
+    used = 64 + 8 + 8  # train + fitness + test, drawn as one stream of distinct prompts
+    assert skipped == {"arithmetic": used, "list_ops": used}
+    for task in manifest.tasks("test_large"):
+        assert len(task.examples) == 5
+        # The next 5 distinct problems of the skill's seeded stream, after the ones the seeds used.
+        stream, _ = make_splits(task.name, used + 5, 0, TINY_RECIPE.data_seed)
+        assert list(task.examples) == stream[used:]
+        for split in ("train", "fitness", "test"):
+            old = {e.prompt for e in read_jsonl(root / manifest.data["tasks"][task.name][split])}
+            assert not old & {e.prompt for e in task.examples}
+    # The other splits are unchanged; a transform is applied before prompts are compared and written.
+    assert manifest.tasks("test") == lm_seeds.load_seed_tasks(built, "test")
+    # A later split skips the earlier added one too; the transform is applied to what it writes.
+    lm_seeds.add_heldout_split(root, "more", 3, transform=lambda e: TextExample(e.prompt, e.answer.strip()))
+    stream, _ = make_splits("arithmetic", used + 8, 0, TINY_RECIPE.data_seed)
+    assert lm_seeds.SeedManifest.read(root).tasks("more")[0].examples == tuple(
+        TextExample(e.prompt, e.answer.strip()) for e in stream[used + 5:])
+    assert all(e.answer.startswith(" ") for e in stream[used + 5:])  # the transform did change them
+
+
+def test_a_heldout_split_needs_a_new_name_and_examples(tiny_lm_seeds, tmp_path):
+    _, built = tiny_lm_seeds
+    root = tmp_path / "seeds"
+    shutil.copytree(built, root)
+    with pytest.raises(ConfigError, match="already has a split 'test'"):
+        lm_seeds.add_heldout_split(root, "test", 5)
+    with pytest.raises(ConfigError, match="n >= 1"):
+        lm_seeds.add_heldout_split(root, "more", 0)
+    with pytest.raises(DataError, match="no seeds.json"):
+        lm_seeds.add_heldout_split(tmp_path / "nothing", "more", 5)
+    assert lm_seeds.parse_split_request("test_large:1000") == ("test_large", 1000)
+    for bad in ("test_large", "test_large:", ":5", "x:0", "x:-3", "x:ten"):
+        with pytest.raises(ConfigError, match="NAME:N"):
+            lm_seeds.parse_split_request(bad)

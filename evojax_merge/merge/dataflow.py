@@ -10,7 +10,10 @@ model 1, ...), and that sequence is repeated r times: T = M * r slots. A genome 
 - ``I`` (T values): slot t is on the path when I_t > 0; the path visits the chosen slots in order,
   slot t running pool layer ``t mod M``;
 - ``W`` (M x M values): W[i, j] scales the hidden state entering layer j when it comes from layer i
-  (it corrects the shift between models' hidden-state distributions).
+  (it corrects the shift between models' hidden-state distributions). The genome holds each entry as
+  ``w`` with ``W = 1 + scale_step * (w - 1)``: one search step size suits indicators and scales only
+  when ``scale_step`` says how much finer the scales move (a real model, whose 30 hops multiply the
+  residual stream, breaks at scale noise of 0.1 that a 4-layer model shrugs off).
 
 Model A supplies the tokenizer, the embeddings, the final norm and the head; A's first layer is always
 the first hop and A's last layer always the last (the paper's constraints). A path has at most
@@ -62,6 +65,7 @@ class DataFlowSpace:
       max_hops: fixed maximum path length, A's fixed first and last layer included.
       indicator_on / indicator_off: initial indicator values of model A's middle layers in the first
         repetition (on: the initial path is model A itself) and of every other slot.
+      scale_step: a genome step of 1 in a scale gene moves W by this much (1: the gene is W itself).
     """
 
     layers_per_model: tuple[int, ...]
@@ -69,6 +73,7 @@ class DataFlowSpace:
     max_hops: int = 0
     indicator_on: float = 1.0
     indicator_off: float = -1.0
+    scale_step: float = 1.0
 
     def __post_init__(self):
         if not self.layers_per_model or min(self.layers_per_model) < 1:
@@ -79,6 +84,8 @@ class DataFlowSpace:
             raise ConfigError(f"max_hops must be >= 2 (A's first and last layer), got {self.max_hops}")
         if self.indicator_on <= 0 or self.indicator_off > 0:
             raise ConfigError("indicator_on must be > 0 (slot used) and indicator_off <= 0 (slot unused)")
+        if not self.scale_step > 0:
+            raise ConfigError(f"scale_step must be > 0, got {self.scale_step}")
 
     @property
     def num_pool_layers(self) -> int:
@@ -124,7 +131,8 @@ class DataFlowSpace:
         """The path of a genome (jit-able; see the module docstring for the rules)."""
         genome = jnp.asarray(genome, jnp.float32)
         m, middle = self.num_pool_layers, self.max_hops - 2
-        indicator, scales = genome[: self.num_slots], genome[self.num_slots:].reshape(m, m)
+        indicator, genes = genome[: self.num_slots], genome[self.num_slots:].reshape(m, m)
+        scales = 1.0 + self.scale_step * (genes - 1.0)
         chosen = indicator > 0
         # The first `middle` chosen slots in order; jnp.nonzero with a static size is jit-able.
         (slots,) = jnp.nonzero(chosen, size=middle, fill_value=0)

@@ -124,9 +124,10 @@ def suite_for(config: EvolveConfig, model_config: llama.LlamaConfig, tokenizer) 
     if task.from_manifest:
         manifest = manifest_of(config)
         try:
-            fitness, test = manifest.tasks("fitness", task.n_fitness), manifest.tasks("test", task.n_test)
+            fitness = manifest.tasks("fitness", task.n_fitness)
+            test = manifest.tasks(task.test_split, task.n_test)
         except DataError as e:
-            raise ConfigError(f"config keys 'task.n_fitness' / 'task.n_test': {e}") from None
+            raise ConfigError(f"config keys 'task.n_fitness' / 'task.test_split' / 'task.n_test': {e}") from None
         skills = [GivenSkill(f.name, f.kind, f.examples, t.examples, f.max_new_tokens, task.fitness_kind)
                   for f, t in zip(fitness, test)]
         return suite_from_examples(skills, tokenizer, model_config, prompt_format=manifest.prompt_format,
@@ -188,7 +189,7 @@ def dfs_space(config: EvolveConfig, pool_configs: list[llama.LlamaConfig]) -> da
     layers = tuple(c.num_hidden_layers for c in pool_configs)
     max_hops = config.dfs.max_hops or 2 * layers[0]
     return dataflow.DataFlowSpace(layers, config.dfs.repeats, max_hops, config.dfs.indicator_on,
-                                  config.dfs.indicator_off)
+                                  config.dfs.indicator_off, config.dfs.scale_step)
 
 
 def dfs_problem(config: EvolveConfig, space: dataflow.DataFlowSpace, pool: llama.Params,

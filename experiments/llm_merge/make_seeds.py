@@ -2,6 +2,10 @@
 arithmetic word problems + list manipulation, and one specialist per skill fine-tuned from it.
 
     python experiments/llm_merge/make_seeds.py --out runs/llm_seeds
+    python experiments/llm_merge/make_seeds.py --out runs/llm_seeds --add-split test_large:1000
+
+The second form trains nothing: it adds a held-out split of 1,000 new problems per skill to existing
+seeds (disjoint from their train / fitness / test splits), for `task.test_split: test_large`.
 
 Writes the Hugging Face folders, the data splits, seeds.json (the manifest the merging runs read) and
 results.md (test exact match of every seed on both skills); see evojax_merge/train/lm_seeds.py.
@@ -14,7 +18,7 @@ import dataclasses
 import sys
 
 from evojax_merge.errors import EvojaxMergeError
-from evojax_merge.train.lm_seeds import SeedRecipe, build_seeds
+from evojax_merge.train.lm_seeds import SeedRecipe, add_heldout_split, build_seeds, parse_split_request
 
 
 def main(argv=None) -> int:
@@ -39,8 +43,19 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=d.base.batch_size)
     ap.add_argument("--reuse-base", action="store_true",
                     help="load OUT/base/model if it exists and train only the specialists")
+    ap.add_argument("--add-split", metavar="NAME:N",
+                    help="only add a held-out split of N new problems per skill to the seeds in OUT")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if a.add_split:
+        try:
+            name, n = parse_split_request(a.add_split)
+            add_heldout_split(a.out, name, n, a.data_seed)
+        except EvojaxMergeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"added split {name!r}: {n} problems per skill in {a.out}/data")
+        return 0
     recipe = SeedRecipe(
         data_seed=a.data_seed, init_seed=a.init_seed, n_train=a.n_train, n_fitness=a.n_fitness, n_test=a.n_test,
         specialist_replay=a.specialist_replay,

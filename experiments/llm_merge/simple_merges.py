@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     if a.out:
         out = pathlib.Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "simple_merges.json", {"config": str(a.config), "overrides": a.set, "scores": rows})
+        write_json(out / "simple_merges.json", {"config": str(a.config), "overrides": a.set,
+                                                      "test_split": config.task.test_split, "scores": rows})
         write_atomic(out / "simple_merges.md", table + "\n")
     return 0
 

@@ -12,6 +12,10 @@ folders, ``best_model``, to get per-problem scores; fixed merges carry theirs in
 merges of ``RUNS/simple/simple_merges.json`` (``simple_merges.py --out RUNS/simple``) when present, and
 M2N2's best model at its logged point nearest ``--m2n2-at`` evaluations (to compare it with the
 baselines run on a smaller budget).
+
+``--test-split NAME`` reports every model on another held-out split of the seeds (e.g. one added with
+``make_seeds.py --add-split test_large:1000``): the saved models are scored on it, the fixed merges
+come from a ``simple_merges.py --set task.test_split=NAME`` run (``--simple``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ METHODS = [("ps", "PS"), ("ps_ties", "PS with TIES (no DARE)"),
 class Scorer:
     """Per-problem scores of saved models (Hugging Face folders or path models) on a run config's task."""
 
-    def __init__(self, run_dir: pathlib.Path):
+    def __init__(self, run_dir: pathlib.Path, test_split: str | None = None):
         from evojax_merge.evolve_config import load_evolve_config
         from evojax_merge.models import hf_io
         from evojax_merge.run import llm_evolve
@@ -41,6 +45,8 @@ class Scorer:
         # Both splits by each skill's own scorer (exact match), whatever score a run searched on, so
         # every row's fitness column means the same thing.
         self.config.task.fitness_kind = None
+        if test_split is not None:
+            self.config.task.test_split = test_split
         self.tokenizer = hf_io.load_tokenizer(llm_evolve.seed_folders(self.config)[0][0])
         self._compiled = {}
 
@@ -100,7 +106,13 @@ def main(argv=None) -> int:
     ap.add_argument("--m2n2-at", type=int, default=250, help="also show M2N2 after about this many evaluations")
     ap.add_argument("--no-rescore", action="store_true",
                     help="do not score the saved models again (no seed fitness, no paired comparison)")
+    ap.add_argument("--test-split", default=None,
+                    help="held-out split of the seeds to report (default: the runs' own, 'test')")
+    ap.add_argument("--simple", default=None,
+                    help="simple_merges.json of the fixed merges (default: RUNS/simple/simple_merges.json)")
     a = ap.parse_args(argv)
+    if a.test_split is not None and a.no_rescore:
+        ap.error("--test-split needs the models scored again (drop --no-rescore)")
     root = pathlib.Path(a.runs)
     # The known methods in their order, then any other run under RUNS, labelled by its folder name.
     known = [key for key, _ in METHODS]
@@ -112,7 +124,8 @@ def main(argv=None) -> int:
         print(f"error: no summary.json under {root}", file=sys.stderr)
         return 2
     with_seeds = next((k for k, s in summaries.items() if "seeds_test" in s), None)
-    scorer = None if a.no_rescore else Scorer(root / next(iter(summaries)))
+    scorer = None if a.no_rescore else Scorer(root / next(iter(summaries)), a.test_split)
+    split = a.test_split or "test"
     points = {}  # label -> per-problem test scores, for the paired comparison with the best seed
     lines = ["| model | arithmetic (test) | list_ops (test) | both (test) | both (fitness problems) "
              "| both (test) vs the best seed, paired |", "|---|---|---|---|---|---|"]
@@ -123,6 +136,7 @@ def main(argv=None) -> int:
             label = name if name == "base" else f"{name} specialist"
             scored = None if scorer is None else scorer(folder)
             fitness = None if scored is None else scorer.accuracies(scored["fitness"], "fitness")
+            test = test if scored is None else scorer.accuracies(scored["test"], "test")
             points[label] = None if scored is None else scored["test"]
             seed_rows.append((label, test, fitness))
     specialists = [(t["all"], label) for label, t, _ in seed_rows if label != "base"]
@@ -131,9 +145,15 @@ def main(argv=None) -> int:
     for label, test, fitness in seed_rows:
         versus = "(best seed)" if label == best_seed else paired(points[label], reference)
         lines.append(row(label, test, fitness, versus))
-    simple = root / "simple" / "simple_merges.json"
-    if simple.is_file():
-        for label, scores in json.loads(simple.read_text())["scores"].items():
+    simple = pathlib.Path(a.simple) if a.simple else root / "simple" / "simple_merges.json"
+    fixed = json.loads(simple.read_text()) if simple.is_file() else None
+    if fixed is not None and fixed.get("test_split", "test") != split:
+        print(f"note: {simple} reports the split {fixed.get('test_split', 'test')!r}, not {split!r}: fixed merges "
+              f"left out (simple_merges.py --set task.test_split={split} --out DIR; --simple DIR/simple_merges.json)",
+              file=sys.stderr)
+        fixed = None
+    if fixed is not None:
+        for label, scores in fixed["scores"].items():
             if label not in ("base", "arithmetic", "list_ops"):  # the seeds are above
                 lines.append(row(f"fixed: {label}", scores["test"], scores["fitness"],
                                  paired(scores.get("test_points"), reference)))
@@ -144,8 +164,13 @@ def main(argv=None) -> int:
             mine = scorer(str(folder)) if scorer is not None and folder.is_dir() else None
             # Rescored, the fitness column is exact match even for a run that searched on another score.
             fitness = s.get("best_train") if mine is None else scorer.accuracies(mine["fitness"], "fitness")
-            lines.append(row(label, s["best_test"], fitness, paired(None if mine is None else mine["test"], reference)))
-            early = m2n2_at(root / key, a.m2n2_at) if key == "m2n2" else None
+            test = s["best_test"] if mine is None else scorer.accuracies(mine["test"], "test")
+            if mine is None and split != "test":
+                print(f"note: {label} left out: no saved model to score on {split!r}", file=sys.stderr)
+                continue
+            lines.append(row(label, test, fitness, paired(None if mine is None else mine["test"], reference)))
+            # M2N2's earlier best is known only by its logged scores on the runs' own test split.
+            early = m2n2_at(root / key, a.m2n2_at) if key == "m2n2" and split == "test" else None
             if early is not None and early[0] < s.get("evaluations", early[0] + 1):
                 lines.append(row(f"M2N2 after {early[0]} evaluations", early[1], early[2]))
     print("\n".join(lines))

