@@ -249,7 +249,10 @@ def add_heldout_split(seeds_dir: str | os.PathLike, split: str, n: int, data_see
     problems is the size of the differences between merges). The examples continue the skill's seeded
     stream (:func:`make_splits` with ``data_seed``) and skip every prompt already in one of the
     manifest's splits, so the new split is disjoint from the data the seeds trained on and the searches
-    selected on. ``transform`` maps a generated example to the manifest's form (e.g. a chat turn for the
+    selected on. It is not drawn like the original test split where a skill's prompt space is small:
+    the training split used up most of those prompts, and the new split leans to the larger spaces (on
+    the CPU-sized seeds, 10,000 training problems per skill: lists of two items are 2% of it, 25% of
+    ``test``); say so when reporting it. ``transform`` maps a generated example to the manifest's form (e.g. a chat turn for the
     SmolLM2 seeds); prompts are compared after it. Writes ``data/<skill>_<split>.jsonl`` and registers it
     in ``seeds.json`` (atomically); returns the number of examples skipped per skill.
 

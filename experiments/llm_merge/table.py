@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     scorer = None if a.no_rescore else Scorer(root / next(iter(summaries)), a.test_split)
     split = a.test_split or "test"
     points = {}  # label -> per-problem test scores, for the paired comparison with the best seed
-    lines = ["| model | arithmetic (test) | list_ops (test) | both (test) | both (fitness problems) "
-             "| both (test) vs the best seed, paired |", "|---|---|---|---|---|---|"]
+    lines = [f"| model | arithmetic ({split}) | list_ops ({split}) | both ({split}) | both (fitness problems) "
+             f"| both ({split}) vs the best seed, paired |", "|---|---|---|---|---|---|"]
     seed_rows = []
     if with_seeds is not None:
         for folder, test in summaries[with_seeds]["seeds_test"].items():
