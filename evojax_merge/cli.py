@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     plot = commands.add_parser("plot", help="plot the test accuracy of one or more runs in one figure")
-    plot.add_argument("run_dirs", nargs="*", help="run directories (one panel); or use --panel")
+    plot.add_argument("run_dirs", nargs="*", help="run directories, or folders of one-seed run directories (PATH/seed-N, joined as one method), as one panel; or use --panel")
     plot.add_argument(
         "--panel", nargs="+", action="append", default=[], metavar="TITLE_THEN_ITEMS",
         help="one panel: its title, then run directories and reference-line JSON files (slerp-line); repeatable",
@@ -192,8 +192,7 @@ def _read_panel(title: str, items: list[str], skip_missing: bool) -> dict:
     """Curves of the run directories and reference lines of the JSON files among ``items``."""
     import json
 
-    from evojax_merge.config import load_config
-    from evojax_merge.run.experiment import read_metrics
+    from evojax_merge.run.experiment import read_curve
 
     curves, lines = [], []
     for item in items:
@@ -207,14 +206,12 @@ def _read_panel(title: str, items: list[str], skip_missing: bool) -> dict:
             seeds = 1 if line.get("same_seed_models_in_every_run") else len(line.get("per_seed", []))
             lines.append({"label": line["label"], "value": line["test_accuracy_mean"], "seeds": seeds})
             continue
-        if not (path / "metrics.csv").is_file():
+        curve = read_curve(path)
+        if curve is None:
             if skip_missing:
                 continue
-            raise EvojaxMergeError(f"{path} has no metrics.csv: not a run directory")
-        metrics = read_metrics(path)
-        config = load_config(path / "config.yaml")
-        curves.append({"label": config.name, "forward_passes": metrics["forward_passes"][:, 0],
-                       "values": metrics["test_accuracy"], "budget": config.run.forward_passes})
+            raise EvojaxMergeError(f"{path} has no metrics.csv: not a run directory (nor a folder of them)")
+        curves.append(curve)
     return {"title": title, "curves": curves, "lines": lines}
 
 

@@ -10,13 +10,13 @@ from evojax_merge.config import dump_config, load_config
 from evojax_merge.run.plot import results_table
 
 
-def fake_run(path, name, passes, per_seed_test):
+def fake_run(path, name, passes, per_seed_test, seeds=None, budget=None):
     """A run directory with config.yaml and metrics.csv (test accuracy rows per seed and logged point)."""
-    path.mkdir()
-    config = load_config(None, [f"name={name}", f"run.forward_passes={passes[-1]}"])
+    path.mkdir(parents=True)
+    config = load_config(None, [f"name={name}", f"run.forward_passes={budget or passes[-1]}"])
     (path / "config.yaml").write_text(dump_config(config))
     rows = ["seed,forward_passes,train_accuracy,test_accuracy,archive_filled,rejected_nonfinite"]
-    for seed, values in enumerate(per_seed_test):
+    for seed, values in zip(seeds or range(len(per_seed_test)), per_seed_test):
         rows += [f"{seed},{p},0.5,{v},2,0" for p, v in zip(passes, values)]
     (path / "metrics.csv").write_text("\n".join(rows) + "\n")
     return path
@@ -58,6 +58,22 @@ def test_plot_two_panels_with_a_line_and_missing_runs(tmp_path, capsys):
     # Without --skip-missing a missing run directory is an error (exit 2), not a silent gap.
     assert cli.main(["plot", "--out", str(figure), "--panel", "left", str(tmp_path / "not_run_yet")]) == 2
     assert "not_run_yet has no metrics.csv" in capsys.readouterr().err
+
+
+def test_plot_joins_one_seed_run_directories(tmp_path, capsys):
+    # Full CMA-ES runs one seed per directory; the folder is one method, over the points every seed reached.
+    folder = tmp_path / "cma_es"
+    fake_run(folder / "seed-42", "cma-es", [2, 1002, 2002, 4002], [[0.1, 0.5, 0.6, 0.9]], seeds=[42], budget=10000)
+    fake_run(folder / "seed-43", "cma-es", [2, 1002, 2002], [[0.3, 0.7, 0.6]], seeds=[43], budget=10000)  # running
+    (folder / "seed-44").mkdir()  # started, nothing logged yet: no column
+    table = tmp_path / "fig.md"
+    assert cli.main(["plot", "--out", str(tmp_path / "fig.png"), "--table", str(table), str(folder)]) == 0
+    # Two seeds up to 2,002 passes (seed 42's 4,002 is left out): at 1k (0.5 + 0.7) / 2 +- |0.5 - 0.7| / 2.
+    assert "| cma-es | 2 | 2002 | 60.0 +- 10.0 | 60.0 +- 0.0 | - | - |" in table.read_text()
+
+    fake_run(folder / "seed-45", "sep-cma-es", [2, 1002], [[0.3, 0.7]], seeds=[45], budget=10000)
+    assert cli.main(["plot", "--out", str(tmp_path / "fig.png"), str(folder)]) == 2
+    assert "is not a run of the same method" in capsys.readouterr().err
 
 
 def test_plot_needs_runs_or_panels(tmp_path):

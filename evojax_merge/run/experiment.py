@@ -194,6 +194,46 @@ def read_metrics(run_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     return out
 
 
+def read_curve(path: str | pathlib.Path) -> dict | None:
+    """The test-accuracy curve of a run directory, or of a folder of one-seed run directories.
+
+    Methods too big to vmap over seeds (full CMA-ES: 9.3 GB per seed) run one seed per directory,
+    ``PATH/seed-42``, ``PATH/seed-43``, ...; their curves are joined column by column over the logged
+    points that every seed has reached, so a mean +- SE never mixes seeds and missing seeds.
+
+    Returns:
+      ``{"label", "forward_passes" (T,), "values" (T, num_seeds), "budget"}``, or None when ``path``
+      holds no metrics yet (neither ``PATH/metrics.csv`` nor any ``PATH/*/metrics.csv``).
+    Raises:
+      ConfigError: the per-seed directories are not runs of one method (names, budgets or logged
+        points differ).
+    """
+    path = pathlib.Path(path)
+    if (path / "metrics.csv").is_file():
+        run_dirs = [path]
+    elif path.is_dir():
+        run_dirs = sorted(d for d in path.iterdir() if (d / "metrics.csv").is_file())
+    else:
+        run_dirs = []
+    if not run_dirs:
+        return None
+    configs = [load_config(d / "config.yaml") for d in run_dirs]
+    metrics = [read_metrics(d) for d in run_dirs]
+    for d, config in zip(run_dirs[1:], configs[1:]):
+        if (config.name, config.run.forward_passes) != (configs[0].name, configs[0].run.forward_passes):
+            raise ConfigError(f"{d} is not a run of the same method as {run_dirs[0]}: name / forward_passes "
+                              f"{config.name} / {config.run.forward_passes} vs {configs[0].name} / "
+                              f"{configs[0].run.forward_passes}")
+    length = min(len(m["forward_passes"]) for m in metrics)
+    passes = metrics[0]["forward_passes"][:length, 0]
+    for d, m in zip(run_dirs[1:], metrics[1:]):
+        if not np.array_equal(m["forward_passes"][:length, 0], passes):
+            raise ConfigError(f"{d} logged at other forward passes than {run_dirs[0]}: not comparable seeds")
+    values = np.concatenate([m["test_accuracy"][:length] for m in metrics], axis=1)
+    return {"label": configs[0].name, "forward_passes": passes, "values": values,
+            "budget": configs[0].run.forward_passes}
+
+
 def _write_metrics(run_dir, seeds, history, log_index):
     rows = [
         [seed] + [_plain(history[k][i, j]) for k in METRIC_KEYS]
