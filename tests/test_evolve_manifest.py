@@ -8,7 +8,9 @@ generated data, another scorer kind or another generation length would give.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import pathlib
 import shutil
 
 import jax.numpy as jnp
@@ -213,3 +215,58 @@ def test_a_test_split_that_is_not_held_out_or_missing_is_a_config_error(tmp_path
     root, _ = manifest
     with pytest.raises(ConfigError, match=error):
         llm_evolve.run_evolve(_config(tmp_path, root, [f"task.test_split={split}"]), tmp_path, progress=False)
+
+
+def _experiment_script(name: str):
+    """experiments/llm_merge/<name>.py as a module (the experiment's scripts are not part of the package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "llm_merge" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"llm_merge_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(table: str, label: str) -> list[str]:
+    (line,) = [line for line in table.splitlines() if line.startswith(f"| {label} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")[1:]]
+
+
+def test_fixed_merges_and_the_results_table_report_known_scores_and_paired_differences(tmp_path, manifest, capsys):
+    root, _ = manifest
+    runs = tmp_path / "runs"
+    (runs / "ps").mkdir(parents=True)
+    config_path = tmp_path / "ps.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "name": "ps", "seeds": {"manifest": str(root / "seeds.json"), "models": ["arithmetic", "list_ops"],
+                                "base": "base"},
+        "task": {"from_manifest": True}, "ps": {"search": {"population": 2, "generations": 1, "batch_size": 2}},
+        "run": {"out_dir": str(tmp_path), "checkpoint_every": 0, "score_seeds": True}}))
+    summary = llm_evolve.run_evolve(load_evolve_config(config_path), runs / "ps", progress=False)
+    shutil.copy(config_path, runs / "ps" / "config.yaml")  # as `evojax-merge evolve` leaves it
+
+    assert _experiment_script("simple_merges").main([str(config_path), "--out", str(runs / "simple")]) == 0
+    fixed = json.loads((runs / "simple" / "simple_merges.json").read_text())
+    assert fixed["test_split"] == "test" and fixed["seeds"] == ["arithmetic", "list_ops", "base"]
+    # Model A by hand (SPLITS): test 2 / 4 and 0 / 3, fitness 4 / 5 and 0 / 2.
+    assert fixed["scores"]["arithmetic"]["test"] == pytest.approx(EXPECTED_A_TEST)
+    assert fixed["scores"]["arithmetic"]["fitness"] == pytest.approx({"arithmetic": 0.8, "list_ops": 0.0, "all": 4 / 7})
+    assert len(fixed["scores"]["average"]["test_points"]) == 7
+    capsys.readouterr()
+
+    assert _experiment_script("table").main([str(runs)]) == 0
+    table = capsys.readouterr().out
+    assert _cells(table, "arithmetic specialist")[:4] == ["50.0", "0.0", "28.6", "57.1"]
+    # The best run's saved model, scored again, gives the scores the run logged for it.
+    assert _cells(table, "PS")[:3] == [f"{100 * summary['best_test'][k]:.1f}" for k in ("arithmetic", "list_ops", "all")]
+    # Paired difference to the best seed: mean and standard error of the per-problem differences.
+    seeds = {"arithmetic specialist": "arithmetic", "list_ops specialist": "list_ops"}
+    best = max(seeds, key=lambda label: fixed["scores"][seeds[label]]["test"]["all"])
+    assert table.count("(best seed)") == 1 and _cells(table, best)[-1] == "(best seed)"
+    d = 100 * (np.array(fixed["scores"]["average"]["test_points"]) - fixed["scores"][seeds[best]]["test_points"])
+    assert _cells(table, "fixed: average")[-1] == f"{d.mean():+.1f} ± {d.std(ddof=1) / np.sqrt(7):.1f}"
+
+    # Another held-out split: every saved model is scored on it; fixed merges of the old split are left out.
+    assert _experiment_script("table").main([str(runs), "--test-split", "fitness"]) == 0
+    out = capsys.readouterr()
+    assert _cells(out.out, "arithmetic specialist")[:3] == ["80.0", "0.0", "57.1"]
+    assert "fixed: average" not in out.out and "reports the split 'test', not 'fitness'" in out.err

@@ -80,7 +80,8 @@ def main(argv=None) -> int:
         out = pathlib.Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "simple_merges.json", {"config": str(a.config), "overrides": a.set,
-                                                      "test_split": config.task.test_split, "scores": rows})
+                                                      "test_split": config.task.test_split,
+                                                      "seeds": list(models)[:len(seeds.models) + 1], "scores": rows})
         write_atomic(out / "simple_merges.md", table + "\n")
     return 0
 

@@ -79,6 +79,24 @@ def paired(points: np.ndarray | None, reference: np.ndarray | None) -> str:
     return f"{d.mean():+.1f} ± {d.std(ddof=1) / np.sqrt(len(d)):.1f}"
 
 
+def seed_labels(run_dir: pathlib.Path) -> dict[str, str]:
+    """Row label of each seed folder of a run: ``<key> specialist`` / ``base`` by its key in the seeds
+    manifest (folders named directly in the config: by the folder above ``model``, runs/llm_seeds/<name>/model)."""
+    from evojax_merge.evolve_config import load_evolve_config
+    from evojax_merge.run import llm_evolve
+
+    config = load_evolve_config(run_dir / "config.yaml")
+    folders, base = llm_evolve.seed_folders(config)
+    if config.seeds.manifest is not None:
+        names = list(config.seeds.models)
+    else:
+        names = [pathlib.Path(f).parent.name for f in folders]
+    labels = {str(f): f"{name} specialist" for f, name in zip(folders, names)}
+    if base is not None:
+        labels[str(base)] = "base"
+    return labels
+
+
 def row(name: str, test: dict, fitness: dict | None, versus: str = "") -> str:
     cells = [f"{100 * test[k]:.1f}" for k in ("arithmetic", "list_ops", "all")]
     cells.append("" if fitness is None else f"{100 * fitness['all']:.1f}")
@@ -131,9 +149,9 @@ def main(argv=None) -> int:
              f"| both ({split}) vs the best seed, paired |", "|---|---|---|---|---|---|"]
     seed_rows = []
     if with_seeds is not None:
+        labels = seed_labels(root / with_seeds)
         for folder, test in summaries[with_seeds]["seeds_test"].items():
-            name = pathlib.Path(folder).parent.name  # runs/llm_seeds/<name>/model
-            label = name if name == "base" else f"{name} specialist"
+            label = labels.get(folder, folder)
             scored = None if scorer is None else scorer(folder)
             fitness = None if scored is None else scorer.accuracies(scored["fitness"], "fitness")
             test = test if scored is None else scorer.accuracies(scored["test"], "test")
@@ -154,7 +172,7 @@ def main(argv=None) -> int:
         fixed = None
     if fixed is not None:
         for label, scores in fixed["scores"].items():
-            if label not in ("base", "arithmetic", "list_ops"):  # the seeds are above
+            if label not in fixed.get("seeds", ("base", "arithmetic", "list_ops")):  # the seeds are above
                 lines.append(row(f"fixed: {label}", scores["test"], scores["fitness"],
                                  paired(scores.get("test_points"), reference)))
     for key, label in methods:
