@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     plot = commands.add_parser("plot", help="plot the test accuracy of one or more runs in one figure")
-    plot.add_argument("run_dirs", nargs="*", help="run directories, or folders of one-seed run directories (PATH/seed-N, joined as one method), as one panel; or use --panel")
+    plot.add_argument("run_dirs", nargs="*", help="run directories, or folders of one-seed run directories "
+                      "(PATH/seed-N, joined as one method), as one panel; or use --panel")
     plot.add_argument(
         "--panel", nargs="+", action="append", default=[], metavar="TITLE_THEN_ITEMS",
         help="one panel: its title, then run directories and reference-line JSON files (slerp-line); repeatable",

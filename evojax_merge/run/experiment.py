@@ -197,7 +197,7 @@ def read_metrics(run_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
 def read_curve(path: str | pathlib.Path) -> dict | None:
     """The test-accuracy curve of a run directory, or of a folder of one-seed run directories.
 
-    Methods too big to vmap over seeds (full CMA-ES: 9.3 GB per seed) run one seed per directory,
+    Methods too big to vmap over seeds (full CMA-ES on digits: 9-13 GB per seed) run one seed per directory,
     ``PATH/seed-42``, ``PATH/seed-43``, ...; their curves are joined column by column over the logged
     points that every seed has reached, so a mean +- SE never mixes seeds and missing seeds.
 
