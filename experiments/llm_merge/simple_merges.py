@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "simple_merges.json", {"config": str(a.config), "overrides": a.set,
                                                       "test_split": config.task.test_split,
-                                                      "seeds": list(models)[:len(seeds.models) + 1], "scores": rows})
+                                                      "seeds": [*config.seeds.models, config.seeds.base], "scores": rows})
         write_atomic(out / "simple_merges.md", table + "\n")
     return 0
 
