@@ -38,7 +38,11 @@ def _compare_with_evosax():
         np.testing.assert_allclose(x_ours, x_theirs, rtol=1e-6, atol=1e-7, err_msg=f"population, generation {generation}")
         state_ours, _ = ours.tell(key_tell, x_ours, sphere(x_ours), state_ours, params)
         state_theirs, _ = theirs.tell(key_tell, x_theirs, sphere(x_theirs), state_theirs, params)
-        for field in ("mean", "C", "std", "p_std", "p_c", "B", "D"):
+        # Our C is recorded, not applied, until the next decomposition: compare the current covariance.
+        np.testing.assert_allclose(
+            ours.covariance(state_ours), state_theirs.C, rtol=1e-6, atol=1e-7, err_msg=f"C, generation {generation}"
+        )
+        for field in ("mean", "std", "p_std", "p_c", "B", "D"):
             np.testing.assert_allclose(
                 getattr(state_ours, field), getattr(state_theirs, field), rtol=1e-6, atol=1e-7,
                 err_msg=f"{field}, generation {generation}",
@@ -109,7 +113,9 @@ def test_vmapped_runs_equal_single_runs_and_keep_the_decomposition_conditional()
     for i in range(3):
         single = jax.jit(run)(i)
         # float32: a batched matmul rounds differently from an unbatched one.
-        np.testing.assert_allclose(batched.C[i], single.C, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            strategy.covariance(jax.tree.map(lambda x: x[i], batched)), strategy.covariance(single), rtol=1e-4, atol=1e-5
+        )
         np.testing.assert_allclose(batched.mean[i], single.mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(batched.last_decomposition[i], single.last_decomposition)
 
@@ -123,3 +129,52 @@ def test_vmapped_runs_equal_single_runs_and_keep_the_decomposition_conditional()
         jax.vmap(lambda d, c, b, dd: jax.lax.cond(d, lambda: (c, jnp.linalg.eigh(c)[1], dd), lambda: (c, b, dd)))
     ).lower(due, C, C, D).as_text()
     assert "case" in lowered and "case" not in plain
+    # So do the flush and the general product in tell: a vmapped generation has one conditional for each
+    # of the three (and selects, not conditionals, for the cheap rest).
+    def generation(state, key):
+        x, state = strategy.ask(key, state, params)
+        return strategy.tell(key, x, sphere(x), state, params)[0]
+
+    states = jax.vmap(lambda k: strategy.init(k, jnp.zeros(num_dims), params))(jax.random.split(jax.random.PRNGKey(0), 2))
+    hlo = jax.jit(jax.vmap(generation)).lower(states, jax.random.split(jax.random.PRNGKey(1), 2)).as_text()
+    assert hlo.count("stablehlo.case") == 3
+
+
+def _as_evosax_state(strategy, state):
+    # evosax's State with our current covariance in place of the recorded one.
+    from evosax.algorithms.distribution_based.cma_es import State as CMAState
+
+    fields = {f: getattr(state, f) for f in CMAState.__dataclass_fields__}
+    return CMAState(**(fields | {"C": strategy.covariance(state)}))
+
+
+@pytest.mark.parametrize("inject", [False, True], ids=["asked population", "injected solution"])
+def test_each_tell_equals_evosax_tell_from_the_same_state(monkeypatch, inject):
+    # Any gap, with a buffer of 2 generations (flushes without a decomposition at 2, 4, 8 ...): after every
+    # tell our covariance and paths equal what evosax's own CMA_ES.tell makes from the same state
+    # (same B and D). Injected: one candidate replaced by a solution ask did not make, so tell cannot
+    # reuse ask's z and must take the general product.
+    monkeypatch.setattr("evojax_merge.strategies.lazy_cma_es.MAX_PENDING_GENERATIONS", 2)
+    with jax.enable_x64(True):
+        num_dims, population_size = 7, 6
+        mean0 = jnp.linspace(-2.0, 2.0, num_dims)
+        ours, theirs = LazyCMA_ES(population_size, mean0, decomposition_gap=5), CMA_ES(population_size, mean0)
+        assert ours.buffer_rows == 2 * (population_size + 1)
+        params = theirs.default_params.replace(std_init=jnp.asarray(0.7))
+        state = ours.init(jax.random.PRNGKey(3), mean0, params)
+        flushed = []
+        for generation in range(12):
+            key_ask, key_tell = jax.random.split(jax.random.PRNGKey(100 + generation))
+            x, state = ours.ask(key_ask, state, params)
+            flushed.append(int(state.pending_count) == 0)
+            if inject:
+                x = x.at[0].set(state.mean + 0.3)
+            expected, _ = theirs.tell(key_tell, x, sphere(x), _as_evosax_state(ours, state), params)
+            state, _ = ours.tell(key_tell, x, sphere(x), state, params)
+            np.testing.assert_allclose(ours.covariance(state), expected.C, rtol=1e-9, atol=1e-12)
+            for field in ("mean", "std", "p_std", "p_c", "B", "D"):
+                np.testing.assert_allclose(getattr(state, field), getattr(expected, field), rtol=1e-9, atol=1e-12)
+        # Nothing recorded at 0; flushed in the asks of generations 2, 4 (buffer full), 5 (decomposition), 7, 9,
+        # 10 (decomposition).
+        assert [g for g, f in enumerate(flushed) if f] == [0, 2, 4, 5, 7, 9, 10]
+        assert float(sphere(state.mean)) < float(sphere(mean0))

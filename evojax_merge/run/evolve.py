@@ -92,18 +92,20 @@ class Evolution:
             **self.strategy.counters(run.strategy_state),
         }
 
-    def compile_chunk(self, num_steps: int, mesh=None):
+    def compile_chunk(self, num_steps: int, mesh=None, donate_runs: bool = False):
         """A jitted ``(runs, train, test) -> (runs, report)`` advancing a batch of runs by ``num_steps``.
 
         With a ``mesh`` (see :mod:`evojax_merge.run.sharding`) the seed axis of runs and report is split
         over its devices and the data replicated; without one, everything is on the default device.
+        ``donate_runs``: the new runs reuse the memory of the runs passed in, which must not be used
+        again (a full CMA-ES state on digits is 3 GB: without donation both copies are alive at once).
         """
 
         def chunk(run, train, test):
             run = self.advance(run, train, num_steps)
             return run, self.report(run, test)
 
-        return _jit_over_runs(jax.vmap(chunk, in_axes=(0, None, None)), mesh)
+        return _jit_over_runs(jax.vmap(chunk, in_axes=(0, None, None)), mesh, donate_runs)
 
     def compile_init(self, mesh=None):
         """A jitted ``(seed_keys, train, test) -> (runs, report)`` for a batch of runs (``mesh``: as above)."""
@@ -115,15 +117,16 @@ class Evolution:
         return _jit_over_runs(jax.vmap(init, in_axes=(0, None, None)), mesh)
 
 
-def _jit_over_runs(fn, mesh):
+def _jit_over_runs(fn, mesh, donate_runs: bool = False):
+    donate = (0,) if donate_runs else ()
     if mesh is None:
-        return jax.jit(fn)
+        return jax.jit(fn, donate_argnums=donate)
     from evojax_merge.run.sharding import run_shardings
 
     runs, data = run_shardings(mesh)
     # Shardings are pytree prefixes: one per argument / output covers every leaf under it. The report is
     # tiny and replicated, so every process (of a multi-host job) can read all of it.
-    return jax.jit(fn, in_shardings=(runs, data, data), out_shardings=(runs, data))
+    return jax.jit(fn, in_shardings=(runs, data, data), out_shardings=(runs, data), donate_argnums=donate)
 
 
 def log_schedule(forward_passes: int, num_seed_models: int, children_per_step: int, log_every: int) -> list[int]:

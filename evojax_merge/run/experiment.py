@@ -108,7 +108,8 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     runs_sharding, data_sharding = run_shardings(mesh)
     train, test = place((train, test), data_sharding)
     init = evolution.compile_init(mesh)
-    chunks = {n: evolution.compile_chunk(n, mesh) for n in set(schedule)}
+    # Donated: each chunk's runs replace the last (a checkpoint save has finished before the next chunk).
+    chunks = {n: evolution.compile_chunk(n, mesh, donate_runs=True) for n in set(schedule)}
     seed_keys = place(jnp.stack([jax.random.PRNGKey(s) for s in seeds]), runs_sharding)
     runs, report = init(seed_keys, train, test)
     history = {k: np.zeros((num_logs, len(seeds)), np.asarray(v).dtype) for k, v in report.items()}

@@ -1,4 +1,4 @@
-"""CMA-ES with a lazy eigendecomposition, as an evosax strategy.
+"""CMA-ES with a lazy eigendecomposition and a deferred covariance update, as an evosax strategy.
 
 Hansen, "The CMA Evolution Strategy: A Tutorial" (2016), https://arxiv.org/abs/1604.00772, section B.2
 ("the decomposition can be done every ... generations"); the default gap is pycma's.
@@ -7,23 +7,38 @@ evosax's ``CMA_ES`` eigendecomposes the N x N covariance C in every ``ask``: O(N
 MLP (N = 19,210) takes minutes per generation on a CPU. Sampling only needs C = B diag(D)^2 B^T, and C
 changes by a factor of about 1 - (c_1 + c_mu) per generation, so the paper's CMA-ES (pycma) keeps B and D
 from an earlier decomposition for several generations. :class:`LazyCMA_ES` is evosax's ``CMA_ES`` with
-that change only: C is still updated every generation (rank-one and rank-mu), while B and D (and the
-symmetrised, diagonally loaded C evosax writes back on a decomposition) are recomputed when at least
-``decomposition_gap`` generations have passed since the last one. With ``decomposition_gap=1`` it is
-evosax's ``CMA_ES`` generation by generation up to rounding (``tests/test_lazy_cma_es.py``, in float64):
-C = I at generation 0 is taken as already decomposed (B = I, D = 1, as in pycma) instead of being
-decomposed with evosax's 1e-8 diagonal loading, and samples are ``(z * D) @ B^T`` rather than evosax's
-``(z @ diag(D)) @ B^T``, which builds an N x N diagonal matrix and multiplies by it.
+that change, and two more that follow from it without changing the algorithm:
+
+- **Deferred covariance update.** Between decompositions nothing reads C, so Eq. (47)'s per-generation
+  update ``C <- a C + c_1 p_c p_c^T + c_mu sum_k w_k y_k y_k^T`` (a full pass over the N x N matrix, and
+  evosax's rank-one and rank-mu terms as two more N x N temporaries) is recorded instead: the vectors
+  (p_c and the y_k) go into a buffer with their weights, the weights already there and a scale on C are
+  multiplied by a. Before a decomposition (or when the buffer is full) the buffer is applied in one
+  matrix product, ``C <- scale C + V^T diag(w) V``: the same sum, computed as one GEMM. ``state.C`` is
+  therefore the covariance at the last flush; :meth:`LazyCMA_ES.covariance` gives the current one.
+- **No N x N product in ``tell``.** evosax computes C^{-1/2} y_k = B diag(1/D) B^T y_k for the step-size
+  path and the rank-mu weights, two (lambda x N) @ (N x N) products. When ``tell`` gets the population
+  ``ask`` made, B^T y_k is the ``z * D`` that ``ask`` sampled (up to rounding), which ``ask`` keeps in the
+  state; |C^{-1/2} y_k| = |diag(1/D) B^T y_k| because B is orthonormal; and C^{-1/2} y_w needs one
+  matrix-vector product. A population that differs from the asked one (solutions injected by the
+  caller) takes the general product.
+
+With ``decomposition_gap=1`` it is evosax's ``CMA_ES`` generation by generation up to rounding
+(``tests/test_lazy_cma_es.py``, in float64): C = I at generation 0 is taken as already decomposed (B = I,
+D = 1, as in pycma) instead of being decomposed with evosax's 1e-8 diagonal loading, and samples are
+``(z * D) @ B^T`` rather than evosax's ``(z @ diag(D)) @ B^T``, which builds an N x N diagonal matrix and
+multiplies by it. ``scripts/bench_cma_es.py`` measures a generation and a decomposition.
 
 The default gap is pycma's ``1 / ((c_1 + c_mu) * N * 10)`` generations (option ``updatecovwait``; pycma
 decomposes in ``ask`` once ``generation - last >= gap``, i.e. every ceil(gap) generations). For the
 digits MLP (N = 19,210, population 20, evosax's c_1 = 5.42e-9 and c_mu = 2.23e-8) that is 188.1, so 189 generations:
 13 decompositions in the paper's 2,500 generations instead of 2,500.
 
-The decision is ``lax.cond`` on the generation counter. A ``cond`` whose predicate is batched by ``vmap``
-(independent runs vmapped, as the runner does) would execute both branches; ``decompose_if_due`` has its
-own batching rule that decomposes the whole batch when any run is due (runs advance in lockstep, so all
-or none are), keeping the O(N^3) branch conditional under ``vmap``.
+Each of the three expensive steps (flush, decomposition, the general product) is a ``lax.cond``. A
+``cond`` whose predicate is batched by ``vmap`` (independent runs vmapped, as the runner does) would
+execute both branches; :func:`cond_on_any` has its own batching rule that takes the expensive branch for
+the whole batch when any run needs it (runs advance in lockstep, so all or none do) and keeps the cheap
+result of the others, so the O(N^3) and O(N^2) branches stay conditional under ``vmap``.
 """
 
 from __future__ import annotations
@@ -39,10 +54,22 @@ from evosax.algorithms.distribution_based.cma_es import eigen_decomposition, met
 from evosax.core.fitness_shaping import weights_fitness_shaping_fn
 from flax import struct
 
+# The buffer holds at most this many generations of vectors: a gap of thousands of generations would
+# otherwise make it larger than C itself.
+MAX_PENDING_GENERATIONS = 256
+
 
 @struct.dataclass
 class State(CMAState):
     last_decomposition: jax.Array  # generation_counter at the last eigendecomposition (0: C = I, exact)
+    # The covariance is C_scale * C + pending_vectors^T diag(pending_weights) pending_vectors; rows at and
+    # after pending_count have weight 0.
+    C_scale: jax.Array
+    pending_vectors: jax.Array  # (buffer rows, N)
+    pending_weights: jax.Array  # (buffer rows,)
+    pending_count: jax.Array
+    asked_population: jax.Array  # (lambda, N): the last ask's population ...
+    asked_scaled_z: jax.Array  # (lambda, N): ... and its z * D, which is B^T (x - mean) / std
 
 
 class LazyCMA_ES(CMA_ES):
@@ -71,20 +98,78 @@ class LazyCMA_ES(CMA_ES):
         if not isinstance(decomposition_gap, int) or isinstance(decomposition_gap, bool) or decomposition_gap < 1:
             raise ValueError(f"decomposition_gap must be a positive integer, got {decomposition_gap!r}")
         self.decomposition_gap = decomposition_gap
+        # Each tell records p_c and the population's lambda steps y_k.
+        self.rows_per_generation = population_size + 1
+        self.buffer_rows = self.rows_per_generation * min(decomposition_gap, MAX_PENDING_GENERATIONS)
 
     def _init(self, key: jax.Array, params) -> State:
         base = super()._init(key, params)
-        return State(**{f: getattr(base, f) for f in base.__dataclass_fields__}, last_decomposition=jnp.int32(0))
+        dtype = base.C.dtype
+        return State(
+            **{f: getattr(base, f) for f in base.__dataclass_fields__},
+            last_decomposition=jnp.int32(0),
+            C_scale=jnp.ones((), dtype),
+            pending_vectors=jnp.zeros((self.buffer_rows, self.num_dims), dtype),
+            pending_weights=jnp.zeros((self.buffer_rows,), dtype),
+            pending_count=jnp.int32(0),
+            asked_population=jnp.full((self.population_size, self.num_dims), jnp.nan, dtype),
+            asked_scaled_z=jnp.zeros((self.population_size, self.num_dims), dtype),
+        )
+
+    def covariance(self, state: State) -> jax.Array:
+        """The current covariance matrix C (``state.C`` with the pending updates applied)."""
+        return _flush(state.C, state.C_scale, state.pending_vectors, state.pending_weights, state.pending_count)[0]
 
     def _ask(self, key: jax.Array, state: State, params):
         due = state.generation_counter - state.last_decomposition >= self.decomposition_gap
-        C, B, D = decompose_if_due(due, state.C, state.B, state.D)
+        full = state.pending_count + self.rows_per_generation > self.buffer_rows
+        C, C_scale, vectors, weights, count = flush_if(
+            due | full, state.C, state.C_scale, state.pending_vectors, state.pending_weights, state.pending_count
+        )
+        C, B, D = decompose_if_due(due, C, state.B, state.D)
         last = jnp.where(due, state.generation_counter, state.last_decomposition).astype(jnp.int32)
 
         z = jax.random.normal(key, (self.population_size, self.num_dims))  # Eq. (38)
         # (z * D) equals evosax's z @ diag(D) exactly without building the N x N diagonal matrix.
-        population = state.mean + state.std * ((z * D) @ B.T)  # Eqs. (39), (40)
-        return population, state.replace(C=C, B=B, D=D, last_decomposition=last)
+        scaled_z = z * D
+        population = state.mean + state.std * (scaled_z @ B.T)  # Eqs. (39), (40)
+        return population, state.replace(
+            C=C, B=B, D=D, last_decomposition=last, C_scale=C_scale, pending_vectors=vectors,
+            pending_weights=weights, pending_count=count, asked_population=population, asked_scaled_z=scaled_z,
+        )
+
+    def _tell(self, key: jax.Array, population, fitness, state: State, params) -> State:
+        mean, y_k, y_w = self.update_mean(population, fitness, state.mean, state.std, params)
+
+        # B^T y_k: ask's z * D for the population it made, the product otherwise.
+        recompute = ~jnp.all(population == state.asked_population)
+        Bt_y_k = product_if(recompute, y_k, state.B, state.asked_scaled_z)
+        Bt_y_w = jnp.where(fitness < 0.0, 0.0, fitness) @ Bt_y_k  # B^T of Eq. (41)'s y_w
+
+        # Cumulative step-size adaptation: C^{-1/2} y_w = B diag(1/D) B^T y_w.
+        p_std = self.update_p_std(state.p_std, state.B @ (Bt_y_w / state.D), params)
+        norm_p_std = jnp.linalg.norm(p_std)
+        std = self.update_std(state.std, norm_p_std, params)
+
+        h_std = self.h_std(norm_p_std, state.generation_counter + 1, params)
+        p_c = self.update_p_c(state.p_c, h_std, y_w, params)
+        delta_h_std = self.delta_h_std(h_std, params)
+
+        # Eq. (46)'s weights; |C^{-1/2} y_k|^2 = |diag(1/D) B^T y_k|^2 since B is orthonormal.
+        squared_norms = jnp.sum(jnp.square(Bt_y_k / state.D), axis=-1)
+        w_o = fitness * jnp.where(fitness >= 0, 1, self.num_dims / jnp.clip(squared_norms, min=1e-8))
+
+        # Eq. (47), recorded: C <- decay C + c_1 p_c p_c^T + c_mu sum_k w_o,k y_k y_k^T.
+        decay = 1 + params.c_1 * delta_h_std - params.c_1 - params.c_mu * jnp.sum(params.weights)
+        dtype = state.pending_weights.dtype
+        new_vectors = jnp.concatenate([p_c[None], y_k]).astype(dtype)
+        new_weights = jnp.concatenate([jnp.reshape(params.c_1, (1,)), params.c_mu * w_o]).astype(dtype)
+        vectors = jax.lax.dynamic_update_slice(state.pending_vectors, new_vectors, (state.pending_count, jnp.zeros_like(state.pending_count)))
+        weights = jax.lax.dynamic_update_slice(state.pending_weights * decay, new_weights, (state.pending_count,))
+        return state.replace(
+            mean=mean, std=std, p_std=p_std, p_c=p_c, C_scale=state.C_scale * decay, pending_vectors=vectors,
+            pending_weights=weights.astype(dtype), pending_count=state.pending_count + self.rows_per_generation,
+        )
 
 
 def pycma_decomposition_gap(c_1: float, c_mu: float, num_dims: int) -> int:
@@ -92,23 +177,46 @@ def pycma_decomposition_gap(c_1: float, c_mu: float, num_dims: int) -> int:
     return max(1, math.ceil(1.0 / ((c_1 + c_mu + 1e-23) * num_dims * 10)))
 
 
-@jax.custom_batching.custom_vmap
-def decompose_if_due(due: jax.Array, C: jax.Array, B: jax.Array, D: jax.Array):
-    """(C, B, D) from evosax's ``eigen_decomposition(C)`` if ``due``, else unchanged."""
-    return jax.lax.cond(due, lambda: eigen_decomposition(C), lambda: (C, B, D))
+def cond_on_any(expensive: Callable, cheap: Callable) -> Callable:
+    """``f(pred, *operands) = lax.cond(pred, expensive, cheap, *operands)`` that stays lazy under ``vmap``.
+
+    Batched, ``f`` runs ``expensive`` on the whole batch if any ``pred`` is true and keeps ``cheap``'s
+    result where ``pred`` is false; if none is, only ``cheap`` runs. Operands are arrays.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def f(pred, *operands):
+        return jax.lax.cond(pred, expensive, cheap, *operands)
+
+    @f.def_vmap
+    def _batched(axis_size, in_batched, pred, *operands):
+        pred = pred if in_batched[0] else jnp.broadcast_to(pred, (axis_size,))
+        in_axes = tuple(0 if batched else None for batched in in_batched[1:])
+        cheap_batch = jax.vmap(cheap, in_axes=in_axes, axis_size=axis_size)
+
+        def expensive_where_due():
+            new, old = jax.vmap(expensive, in_axes=in_axes, axis_size=axis_size)(*operands), cheap_batch(*operands)
+            return jax.tree.map(lambda n, o: jnp.where(pred.reshape(-1, *[1] * (n.ndim - 1)), n, o), new, old)
+
+        out = jax.lax.cond(jnp.any(pred), expensive_where_due, lambda: cheap_batch(*operands))
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
 
 
-@decompose_if_due.def_vmap
-def _decompose_if_due_batched(axis_size, in_batched, due, C, B, D):
-    # Broadcast unbatched operands, then decompose the whole batch if any run is due and keep the old
-    # factors of the runs that are not; the predicate of the cond is a scalar, so the branch stays lazy.
-    due, C, B, D = (
-        x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, batched in zip((due, C, B, D), in_batched)
-    )
+def _flush(C, C_scale, vectors, weights, count):
+    # One GEMM for every recorded rank-one term; HIGHEST so accelerators do not sum them in bfloat16.
+    update = jnp.matmul((vectors * weights[:, None]).T, vectors, precision=jax.lax.Precision.HIGHEST)
+    return C_scale * C + update, jnp.ones_like(C_scale), vectors, jnp.zeros_like(weights), jnp.zeros_like(count)
 
-    def decompose():
-        new = jax.vmap(eigen_decomposition)(C)
-        return tuple(jnp.where(due.reshape(-1, *[1] * (n.ndim - 1)), n, o) for n, o in zip(new, (C, B, D)))
 
-    out = jax.lax.cond(jnp.any(due), decompose, lambda: (C, B, D))
-    return out, (True, True, True)
+def _keep(*operands):
+    return operands
+
+
+decompose_if_due = cond_on_any(lambda C, B, D: eigen_decomposition(C), _keep)
+decompose_if_due.__doc__ = """(C, B, D) from evosax's ``eigen_decomposition(C)`` if ``due``, else unchanged."""
+flush_if = cond_on_any(_flush, _keep)
+flush_if.__doc__ = """(C, C_scale, vectors, weights, count) with the pending updates applied to C if ``due``."""
+product_if = cond_on_any(lambda y, B, scaled_z: y @ B, lambda y, B, scaled_z: scaled_z)
+product_if.__doc__ = """``y @ B`` if ``recompute``, else the ``scaled_z`` ask kept (the same up to rounding)."""
