@@ -7,8 +7,8 @@ source "$(dirname "$0")/../../scripts/env.sh"
 source scripts/host_devices.sh
 source experiments/digits/run_methods.sh
 out="${1:-runs/digits}"
-# Full CMA-ES on the 19,210 raw weights needs 9-13 GB and ~3.7 h per seed on a 2-core CPU (13 lazy
-# eigendecompositions of the 19,210^2 covariance, ~7.5 min each): 10 seeds vmapped would need ~130 GB. It
+# Full CMA-ES on the 19,210 raw weights needs 9-15 GB and ~3.3 h per seed on a 2-core CPU (13 lazy
+# eigendecompositions of the 19,210^2 covariance, ~7.2 min each): 10 seeds vmapped would need ~130 GB. It
 # runs only with WITH_FULL_CMA_ES=1, one seed at a time (runs/digits/cma_es/seed-N; the figure joins them
 # over the passes every seed has reached); Sep-CMA-ES always runs.
 methods="m2n2 m2n2_no_crossover ga ga_no_crossover map_elites sep_cma_es"
