@@ -33,7 +33,11 @@ def test_names_build_the_right_strategies():
     cma, params = build_strategy(strategy_config("strategy.name=cma_es"), TEMPLATE)
     assert isinstance(cma.strategy, LazyCMA_ES) and float(params.std_init) == pytest.approx(0.01)
     gap1, _ = build_strategy(strategy_config("strategy.name=cma_es", "strategy.evosax_options={decomposition_gap: 1}"), TEMPLATE)
-    assert gap1.strategy.decomposition_gap == 1
+    assert gap1.strategy.decomposition_gap == 1 and gap1.strategy.step_size_adaptation == "csa"
+    # The digits configs: the paper's CMA-ES adapts sigma as pycma does at this size (TPA), the variant by CSA.
+    for config, adaptation in [("cma_es", "tpa"), ("cma_es_csa", "csa")]:
+        built, _ = build_strategy(load_config(f"experiments/digits/{config}.yaml").strategy, TEMPLATE)
+        assert built.strategy.step_size_adaptation == adaptation and built.population_size == 20
     sep, _ = build_strategy(strategy_config(), TEMPLATE)
     assert type(sep.strategy).__name__ == "Sep_CMA_ES" and sep.population_size == 20
     snes, params = build_strategy(strategy_config("strategy.name=evosax:SNES", "strategy.population_size=10"), TEMPLATE)
@@ -55,6 +59,7 @@ def test_names_build_the_right_strategies():
         (["strategy.evosax_params={std_min: fast}"], "'strategy.evosax_params.std_min' must be of type float"),
         (["strategy.evosax_options={gap: 3}"], "Sep_CMA_ES takes no argument 'gap'"),
         (["strategy.name=cma_es", "strategy.evosax_options={decomposition_gap: 0}"], "refused these settings.*decomposition_gap"),
+        (["strategy.name=cma_es", "strategy.evosax_options={step_size_adaptation: msr}"], "refused these settings.*step_size_adaptation must be one of csa, tpa"),
         (["strategy.num_seed_models=2"], "'strategy.num_seed_models' must be 1 for Sep_CMA_ES"),
         (["strategy.name=evosax:SimpleGA", "strategy.sigma_init=null"], "must equal population_size"),
         (["strategy.name=evosax:PSO", "strategy.num_seed_models=20"], "PSO has no initial step size"),

@@ -178,3 +178,109 @@ def test_each_tell_equals_evosax_tell_from_the_same_state(monkeypatch, inject):
         # 10 (decomposition).
         assert [g for g, f in enumerate(flushed) if f] == [0, 2, 4, 5, 7, 9, 10]
         assert float(sphere(state.mean)) < float(sphere(mean0))
+
+
+# Two-point step-size adaptation (pycma's default from 300 dimensions on): the reference is pycma itself.
+
+
+def _pycma(num_dims, population_size):
+    import cma
+
+    return cma.CMAEvolutionStrategy(np.zeros(num_dims), 1.0, {"popsize": population_size, "verbose": -9, "seed": 5})
+
+
+def test_pycma_adapts_the_step_size_by_tpa_at_the_digits_size_and_tpa_damping_is_its():
+    from cma.sigma_adaptation import CMAAdaptSigmaCSA, CMAAdaptSigmaTPA
+
+    assert isinstance(_pycma(400, 20).adapt_sigma, CMAAdaptSigmaTPA)  # N >= 300: the digits MLP's 19,210 too
+    assert isinstance(_pycma(299, 20).adapt_sigma, CMAAdaptSigmaCSA)
+    for num_dims, population_size in [(400, 20), (300, 8), (3, 12)]:
+        es = _pycma(num_dims, population_size)
+        tpa = CMAAdaptSigmaTPA(dimension=num_dims, popsize=population_size).initialize(es)
+        assert LazyCMA_ES(population_size, jnp.zeros(num_dims)).tpa_damping == pytest.approx(tpa.sp.damp, rel=1e-12)
+    assert LazyCMA_ES(20, jnp.zeros(19_210)).tpa_damping == pytest.approx(0.7 + 2 * math.log(19_210))  # 20.4
+
+
+def test_tpa_step_size_follows_pycmas_update_on_the_same_fitness_values():
+    # The same raw fitness values (small integers: many ties, which count for neither candidate) go to
+    # pycma's CMAAdaptSigmaTPA.update2 and to our tell; sigma / sigma_0 must agree generation by generation.
+    with jax.enable_x64(True):
+        num_dims, population_size = 400, 10
+        es = _pycma(num_dims, population_size)
+        strategy = LazyCMA_ES(population_size, jnp.zeros(num_dims), decomposition_gap=4, step_size_adaptation="tpa")
+        params = strategy.default_params.replace(std_init=jnp.asarray(0.01))
+        state = strategy.init(jax.random.PRNGKey(0), jnp.zeros(num_dims), params)
+        rng = np.random.default_rng(7)
+        pycma_ratio, multipliers = 1.0, []
+        for generation in range(40):
+            fitness = rng.integers(0, 6, population_size).astype(np.float64)
+            if generation % 3 == 0:  # make the mirrored pair tie now and then
+                fitness[1] = fitness[0]
+            x, state = strategy.ask(jax.random.PRNGKey(generation), state, params)
+            state, _ = strategy.tell(jax.random.PRNGKey(1000 + generation), x, jnp.asarray(fitness), state, params)
+            multiplier = es.adapt_sigma.update2(es, function_values=list(fitness))
+            pycma_ratio *= multiplier
+            multipliers.append(multiplier)
+            assert float(state.std) / 0.01 == pytest.approx(pycma_ratio, rel=1e-10), f"generation {generation}"
+        assert max(multipliers) > 1.01 and min(multipliers) < 0.99  # the comparison saw both directions
+
+
+def test_tpa_asks_the_mirrored_pair_along_the_last_mean_shift_with_a_sample_like_length():
+    with jax.enable_x64(True):
+        num_dims, population_size = 9, 8
+        mean0 = jnp.linspace(1.0, 3.0, num_dims)
+        strategy = LazyCMA_ES(population_size, mean0, decomposition_gap=2, step_size_adaptation="tpa")
+        params = strategy.default_params.replace(std_init=jnp.asarray(0.5))
+        state = strategy.init(jax.random.PRNGKey(2), mean0, params)
+        previous_mean = None
+        for generation in range(8):
+            key = jax.random.PRNGKey(50 + generation)
+            mean, std = state.mean, state.std
+            x, state = strategy.ask(key, state, params)
+            step = (x[:2] - mean) / std
+            if generation == 0:  # no mean shift yet: two ordinary samples
+                assert not np.allclose(step[0], -step[1])
+            else:
+                np.testing.assert_allclose(step[0], -step[1], rtol=1e-12, atol=1e-12)
+                shift = mean - previous_mean
+                cosine = jnp.dot(step[0], shift) / (jnp.linalg.norm(step[0]) * jnp.linalg.norm(shift))
+                assert float(cosine) == pytest.approx(1.0, abs=1e-12)
+                # Mahalanobis length under the sampling distribution (C = B diag(D^2) B^T of this ask) is the
+                # length of this ask's first standard normal draw, as for an ordinary sample.
+                C = state.B @ jnp.diag(state.D**2) @ state.B.T
+                mahalanobis = jnp.sqrt(step[0] @ jnp.linalg.solve(C, step[0]))
+                chi = jnp.linalg.norm(jax.random.normal(key, (population_size, num_dims))[0])
+                assert float(mahalanobis) == pytest.approx(float(chi), rel=1e-10)
+                assert generation < 2 or not np.allclose(state.B, np.eye(num_dims))  # C was really non-trivial
+            # tell reuses ask's z * D: for the pair too, it is B^T (x - mean) / std.
+            np.testing.assert_allclose(state.asked_scaled_z, ((x - mean) / std) @ state.B, rtol=1e-9, atol=1e-12)
+            previous_mean = mean
+            state, _ = strategy.tell(key, x, sphere(x), state, params)
+
+
+def test_tpa_grows_a_too_small_step_size_that_csa_cannot_at_high_dimension():
+    # pycma's reason for TPA: at large N, CSA's c_sigma ~ 1/N makes sigma nearly frozen. From sigma 0.01 on
+    # a sphere centred 20 away in 400 dimensions, TPA widens the distribution within 100 generations and
+    # gets far closer; CSA barely moves sigma.
+    num_dims, population_size = 400, 20
+    final = {}
+    for mode in ("csa", "tpa"):
+        strategy = LazyCMA_ES(population_size, jnp.zeros(num_dims), decomposition_gap=50, step_size_adaptation=mode)
+        params = strategy.default_params.replace(std_init=jnp.asarray(0.01))
+        state = strategy.init(jax.random.PRNGKey(0), jnp.ones(num_dims), params)
+
+        def generation(state, key):
+            key_ask, key_tell = jax.random.split(key)
+            x, state = strategy.ask(key_ask, state, params)
+            state, _ = strategy.tell(key_tell, x, sphere(x), state, params)
+            return state, state.std
+
+        state, stds = jax.lax.scan(generation, state, jax.random.split(jax.random.PRNGKey(1), 100))
+        final[mode] = (float(jnp.max(stds)), float(sphere(state.mean)))
+    assert final["csa"][0] < 0.02 and final["tpa"][0] > 0.1
+    assert final["tpa"][1] < 0.5 * final["csa"][1]
+
+
+def test_unknown_step_size_adaptation_is_refused():
+    with pytest.raises(ValueError, match="step_size_adaptation must be one of csa, tpa, got 'msr'"):
+        LazyCMA_ES(4, jnp.zeros(3), step_size_adaptation="msr")

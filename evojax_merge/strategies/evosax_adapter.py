@@ -2,7 +2,9 @@
 
 Config names (``strategy.name``):
 - ``cma_es``: full-covariance CMA-ES with a lazy eigendecomposition (:class:`LazyCMA_ES`; its gap is
-  ``evosax_options: {decomposition_gap: k}``, default pycma's; 1 is evosax's ``CMA_ES`` exactly).
+  ``evosax_options: {decomposition_gap: k}``, default pycma's; 1 is evosax's ``CMA_ES`` exactly; its
+  step-size adaptation ``evosax_options: {step_size_adaptation: csa | tpa}``, evosax's CSA by default,
+  ``tpa`` as pycma does from 300 dimensions on).
 - ``sep_cma_es``: evosax's ``Sep_CMA_ES`` (diagonal covariance, O(N) per sample).
 - ``evosax:<ClassName>``: any strategy evosax exports (``evosax:SNES``, ``evosax:Open_ES``,
   ``evosax:SimpleGA`` ...), by its class name or its key in ``evosax.algorithms.algorithms``.

@@ -23,6 +23,18 @@ that change, and two more that follow from it without changing the algorithm:
   matrix-vector product. A population that differs from the asked one (solutions injected by the
   caller) takes the general product.
 
+**Step-size adaptation.** ``step_size_adaptation="csa"`` (the default) is evosax's cumulative step-size
+adaptation. pycma does not use CSA in 300 or more dimensions: its default there is two-point step-size
+adaptation (TPA; Hansen 2008, "CMA-ES with Two-Point Step-Size Adaptation", arXiv 0805.0231, in pycma's
+form), and ``step_size_adaptation="tpa"`` does what pycma does. From the second generation on, the first
+two candidates are the mirrored pair ``mean +- std * chi * dm / |C^{-1/2} dm|`` along the last mean shift
+``dm`` (chi the length of a fresh N-dimensional standard normal vector, so the pair looks like two
+ordinary samples); after evaluation ``z = (#{f < f_1} - #{f < f_0}) / (lambda - 1)`` (raw fitness, ties
+count for neither), ``s <- (1 - 0.3) s + 0.3 sign(z) |z|^0.5`` and ``std <- std exp(s / d)`` with
+``d = 0.7 + 2 ln N + 2 ln max(1, lambda - N)``. The evolution path p_sigma is still updated (pycma keeps it
+for h_sigma). At N = 19,210, CSA's c_sigma is 4e-4, so the step size barely moves in 2,500 generations;
+TPA can change it by a factor e in about 20.
+
 With ``decomposition_gap=1`` it is evosax's ``CMA_ES`` generation by generation up to rounding
 (``tests/test_lazy_cma_es.py``, in float64): C = I at generation 0 is taken as already decomposed (B = I,
 D = 1, as in pycma) instead of being decomposed with evosax's 1e-8 diagonal loading, and samples are
@@ -45,6 +57,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +71,12 @@ from flax import struct
 # otherwise make it larger than C itself.
 MAX_PENDING_GENERATIONS = 256
 
+STEP_SIZE_ADAPTATIONS = ("csa", "tpa")
+# pycma's TPA constants (sigma_adaptation.CMAAdaptSigmaTPA): smoothing of the rank difference, and the
+# exponent that enlarges small differences.
+TPA_SMOOTHING = 0.3
+TPA_Z_EXPONENT = 0.5
+
 
 @struct.dataclass
 class State(CMAState):
@@ -70,6 +89,9 @@ class State(CMAState):
     pending_count: jax.Array
     asked_population: jax.Array  # (lambda, N): the last ask's population ...
     asked_scaled_z: jax.Array  # (lambda, N): ... and its z * D, which is B^T (x - mean) / std
+    mean_shift: jax.Array  # (N,): the last tell's change of the mean (TPA's direction)
+    tpa_s: jax.Array  # TPA's smoothed rank difference (0 under CSA)
+    tpa_rank_difference: jax.Array  # TPA's z of the generation being told, set by tell from the raw fitness
 
 
 class LazyCMA_ES(CMA_ES):
@@ -80,6 +102,8 @@ class LazyCMA_ES(CMA_ES):
       solution: a solution pytree (shapes only).
       decomposition_gap: generations between eigendecompositions; None = pycma's default
         ``ceil(1 / ((c_1 + c_mu) * N * 10))`` (at least 1). 1 reproduces evosax's ``CMA_ES``.
+      step_size_adaptation: ``"csa"`` (evosax's cumulative step-size adaptation) or ``"tpa"`` (pycma's
+        two-point adaptation, its default from 300 dimensions on; module docstring).
       fitness_shaping_fn, metrics_fn: as in evosax (minimisation; recombination weights by rank).
     """
 
@@ -88,6 +112,7 @@ class LazyCMA_ES(CMA_ES):
         population_size: int,
         solution,
         decomposition_gap: int | None = None,
+        step_size_adaptation: str = "csa",
         fitness_shaping_fn: Callable = weights_fitness_shaping_fn,
         metrics_fn: Callable = metrics_fn,
     ):
@@ -98,6 +123,12 @@ class LazyCMA_ES(CMA_ES):
         if not isinstance(decomposition_gap, int) or isinstance(decomposition_gap, bool) or decomposition_gap < 1:
             raise ValueError(f"decomposition_gap must be a positive integer, got {decomposition_gap!r}")
         self.decomposition_gap = decomposition_gap
+        if step_size_adaptation not in STEP_SIZE_ADAPTATIONS:
+            raise ValueError(
+                f"step_size_adaptation must be one of {', '.join(STEP_SIZE_ADAPTATIONS)}, got {step_size_adaptation!r}"
+            )
+        self.step_size_adaptation = step_size_adaptation
+        self.tpa_damping = tpa_damping(self.num_dims, population_size)
         # Each tell records p_c and the population's lambda steps y_k.
         self.rows_per_generation = population_size + 1
         self.buffer_rows = self.rows_per_generation * min(decomposition_gap, MAX_PENDING_GENERATIONS)
@@ -114,6 +145,9 @@ class LazyCMA_ES(CMA_ES):
             pending_count=jnp.int32(0),
             asked_population=jnp.full((self.population_size, self.num_dims), jnp.nan, dtype),
             asked_scaled_z=jnp.zeros((self.population_size, self.num_dims), dtype),
+            mean_shift=jnp.zeros((self.num_dims,), dtype),
+            tpa_s=jnp.zeros((), dtype),
+            tpa_rank_difference=jnp.zeros((), dtype),
         )
 
     def covariance(self, state: State) -> jax.Array:
@@ -132,11 +166,21 @@ class LazyCMA_ES(CMA_ES):
         z = jax.random.normal(key, (self.population_size, self.num_dims))  # Eq. (38)
         # (z * D) equals evosax's z @ diag(D) exactly without building the N x N diagonal matrix.
         scaled_z = z * D
+        if self.step_size_adaptation == "tpa":
+            scaled_z = _mirrored_pair_along(state.mean_shift, scaled_z, jnp.linalg.norm(z[0]), B, D)
         population = state.mean + state.std * (scaled_z @ B.T)  # Eqs. (39), (40)
         return population, state.replace(
             C=C, B=B, D=D, last_decomposition=last, C_scale=C_scale, pending_vectors=vectors,
             pending_weights=weights, pending_count=count, asked_population=population, asked_scaled_z=scaled_z,
         )
+
+    @partial(jax.jit, static_argnames=("self",))
+    def tell(self, key: jax.Array, population, fitness, state: State, params):
+        # TPA ranks the mirrored pair by raw fitness (evosax's _tell only sees the shaped weights, which
+        # break ties by index; pycma counts a tie for neither).
+        if self.step_size_adaptation == "tpa":
+            state = state.replace(tpa_rank_difference=two_point_rank_difference(fitness).astype(state.tpa_s.dtype))
+        return super().tell(key, population, fitness, state, params)
 
     def _tell(self, key: jax.Array, population, fitness, state: State, params) -> State:
         mean, y_k, y_w = self.update_mean(population, fitness, state.mean, state.std, params)
@@ -149,7 +193,12 @@ class LazyCMA_ES(CMA_ES):
         # Cumulative step-size adaptation: C^{-1/2} y_w = B diag(1/D) B^T y_w.
         p_std = self.update_p_std(state.p_std, state.B @ (Bt_y_w / state.D), params)
         norm_p_std = jnp.linalg.norm(p_std)
-        std = self.update_std(state.std, norm_p_std, params)
+        if self.step_size_adaptation == "tpa":
+            tpa_s = tpa_smoothed_rank_difference(state.tpa_s, state.tpa_rank_difference)
+            std = jnp.clip(state.std * jnp.exp(tpa_s / self.tpa_damping), min=params.std_min, max=params.std_max)
+        else:
+            tpa_s = state.tpa_s
+            std = self.update_std(state.std, norm_p_std, params)
 
         h_std = self.h_std(norm_p_std, state.generation_counter + 1, params)
         p_c = self.update_p_c(state.p_c, h_std, y_w, params)
@@ -168,13 +217,41 @@ class LazyCMA_ES(CMA_ES):
         weights = jax.lax.dynamic_update_slice(state.pending_weights * decay, new_weights, (state.pending_count,))
         return state.replace(
             mean=mean, std=std, p_std=p_std, p_c=p_c, C_scale=state.C_scale * decay, pending_vectors=vectors,
-            pending_weights=weights.astype(dtype), pending_count=state.pending_count + self.rows_per_generation,
+            pending_weights=weights, pending_count=state.pending_count + self.rows_per_generation,
+            mean_shift=mean - state.mean, tpa_s=tpa_s,
         )
 
 
 def pycma_decomposition_gap(c_1: float, c_mu: float, num_dims: int) -> int:
     """pycma's default generations between decompositions, ceil(1 / ((c_1 + c_mu) * N * 10)), at least 1."""
     return max(1, math.ceil(1.0 / ((c_1 + c_mu + 1e-23) * num_dims * 10)))
+
+
+def tpa_damping(num_dims: int, population_size: int) -> float:
+    """pycma's TPA damping ``0.7 + 2 ln N + 2 ln max(1, lambda - N)`` (20.4 for the digits MLP)."""
+    return 0.7 + 2 * math.log(num_dims) + 2 * math.log(max(1, population_size - num_dims))
+
+
+def two_point_rank_difference(fitness: jax.Array) -> jax.Array:
+    """TPA's z in [-1, 1]: how many candidates beat candidate 1 minus how many beat candidate 0, over
+    lambda - 1 (minimisation; positive when the step along the last mean shift, candidate 0, is better)."""
+    beats = lambda f: jnp.sum(fitness < f)
+    return (beats(fitness[1]) - beats(fitness[0])) / (fitness.shape[0] - 1)
+
+
+def tpa_smoothed_rank_difference(s: jax.Array, z: jax.Array) -> jax.Array:
+    """pycma's ``s <- (1 - c) s + c sign(z) |z|^0.5``; the step size is then multiplied by exp(s / d)."""
+    return (1 - TPA_SMOOTHING) * s + TPA_SMOOTHING * jnp.sign(z) * jnp.abs(z) ** TPA_Z_EXPONENT
+
+
+def _mirrored_pair_along(mean_shift, scaled_z, chi, B, D):
+    # Rows 0 and 1 of z * D become +-chi B^T dm / |C^{-1/2} dm|: the samples mean +- std chi dm / |C^{-1/2} dm|
+    # (|C^{-1/2} dm| = |diag(1/D) B^T dm|, B orthonormal). No mean shift yet (generation 0): iid samples.
+    Bt_shift = mean_shift @ B
+    length = jnp.linalg.norm(Bt_shift / D)
+    direction = chi * Bt_shift / jnp.where(length > 0, length, 1)
+    pair = jnp.stack([direction, -direction])
+    return scaled_z.at[:2].set(jnp.where(length > 0, pair, scaled_z[:2]))
 
 
 def cond_on_any(expensive: Callable, cheap: Callable) -> Callable:
