@@ -35,7 +35,7 @@ count for neither), ``s <- (1 - 0.3) s + 0.3 sign(z) |z|^0.5`` and ``std <- std 
 for h_sigma). At N = 19,210, CSA's c_sigma is 4e-4, so the step size barely moves in 2,500 generations;
 TPA can change it by a factor e in about 20.
 
-With ``decomposition_gap=1`` it is evosax's ``CMA_ES`` generation by generation up to rounding
+With ``decomposition_gap=1`` and CSA it is evosax's ``CMA_ES`` generation by generation up to rounding
 (``tests/test_lazy_cma_es.py``, in float64): C = I at generation 0 is taken as already decomposed (B = I,
 D = 1, as in pycma) instead of being decomposed with evosax's 1e-8 diagonal loading, and samples are
 ``(z * D) @ B^T`` rather than evosax's ``(z @ diag(D)) @ B^T``, which builds an N x N diagonal matrix and
@@ -101,7 +101,7 @@ class LazyCMA_ES(CMA_ES):
       population_size: candidates per generation (lambda).
       solution: a solution pytree (shapes only).
       decomposition_gap: generations between eigendecompositions; None = pycma's default
-        ``ceil(1 / ((c_1 + c_mu) * N * 10))`` (at least 1). 1 reproduces evosax's ``CMA_ES``.
+        ``ceil(1 / ((c_1 + c_mu) * N * 10))`` (at least 1). 1 with CSA reproduces evosax's ``CMA_ES``.
       step_size_adaptation: ``"csa"`` (evosax's cumulative step-size adaptation) or ``"tpa"`` (pycma's
         two-point adaptation, its default from 300 dimensions on; module docstring).
       fitness_shaping_fn, metrics_fn: as in evosax (minimisation; recombination weights by rank).
