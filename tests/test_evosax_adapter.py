@@ -34,8 +34,8 @@ def test_names_build_the_right_strategies():
     assert isinstance(cma.strategy, LazyCMA_ES) and float(params.std_init) == pytest.approx(0.01)
     gap1, _ = build_strategy(strategy_config("strategy.name=cma_es", "strategy.evosax_options={decomposition_gap: 1}"), TEMPLATE)
     assert gap1.strategy.decomposition_gap == 1 and gap1.strategy.step_size_adaptation == "csa"
-    # The digits configs: the paper's CMA-ES adapts sigma as pycma does at this size (TPA), the variant by CSA.
-    for config, adaptation in [("cma_es", "tpa"), ("cma_es_csa", "csa")]:
+    # The digits configs: CMA-ES with evosax's CSA, and the variant with pycma's TPA.
+    for config, adaptation in [("cma_es", "csa"), ("cma_es_tpa", "tpa")]:
         built, _ = build_strategy(load_config(f"experiments/digits/{config}.yaml").strategy, TEMPLATE)
         assert built.strategy.step_size_adaptation == adaptation and built.population_size == 20
     sep, _ = build_strategy(strategy_config(), TEMPLATE)

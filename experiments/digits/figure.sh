@@ -10,7 +10,7 @@ run_or_committed() {  # the run directory of method $1, or its committed results
     if [ ! -e "$out/$1" ] && [ -e "$committed/$1" ]; then echo "$committed/$1"; else echo "$out/$1"; fi
 }
 scratch=() pretrained=()
-for method in m2n2 m2n2_no_crossover ga ga_no_crossover map_elites cma_es cma_es_csa sep_cma_es; do
+for method in m2n2 m2n2_no_crossover ga ga_no_crossover map_elites cma_es cma_es_tpa sep_cma_es; do
     scratch+=("$(run_or_committed "$method")")
 done
 for method in m2n2 m2n2_no_attraction m2n2_no_split_point map_elites ga; do

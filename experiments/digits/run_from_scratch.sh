@@ -9,13 +9,13 @@ source experiments/digits/run_methods.sh
 out="${1:-runs/digits}"
 # Full CMA-ES on the 19,210 raw weights needs ~6 GB and ~75 min per seed on an idle 2-core CPU (13 lazy
 # eigendecompositions of the 19,210^2 covariance, ~4.7 min each): 10 seeds vmapped would need ~60 GB. It
-# runs only with WITH_FULL_CMA_ES=1 (cma_es.yaml, pycma's TPA step size) or WITH_FULL_CMA_ES_CSA=1
-# (cma_es_csa.yaml, evosax's CSA), one seed at a time (runs/digits/<method>/seed-N; the figure joins them
+# runs only with WITH_FULL_CMA_ES=1 (cma_es.yaml, evosax's CSA step size) or WITH_FULL_CMA_ES_TPA=1
+# (cma_es_tpa.yaml, pycma's TPA, which stalls here), one seed at a time (runs/digits/<method>/seed-N; the figure joins them
 # over the passes every seed has reached). Sep-CMA-ES always runs.
 methods="m2n2 m2n2_no_crossover ga ga_no_crossover map_elites sep_cma_es"
 full_cma_es=()
 [ "${WITH_FULL_CMA_ES:-0}" = 1 ] && full_cma_es+=(cma_es)
-[ "${WITH_FULL_CMA_ES_CSA:-0}" = 1 ] && full_cma_es+=(cma_es_csa)
+[ "${WITH_FULL_CMA_ES_TPA:-0}" = 1 ] && full_cma_es+=(cma_es_tpa)
 for method in "${full_cma_es[@]}"; do
     for seed in 42 43 44 45 46 47 48 49 50 51; do
         run_method "experiments/digits/$method.yaml" "$out/$method/seed-$seed" --set "run.seeds=[$seed]" --set run.devices=null
