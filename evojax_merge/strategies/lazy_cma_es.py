@@ -33,7 +33,9 @@ ordinary samples); after evaluation ``z = (#{f < f_1} - #{f < f_0}) / (lambda - 
 count for neither), ``s <- (1 - 0.3) s + 0.3 sign(z) |z|^0.5`` and ``std <- std exp(s / d)`` with
 ``d = 0.7 + 2 ln N + 2 ln max(1, lambda - N)``. The evolution path p_sigma is still updated (pycma keeps it
 for h_sigma). At N = 19,210, CSA's c_sigma is 4e-4, so the step size barely moves in 2,500 generations;
-TPA can change it by a factor e in about 20.
+TPA can change it by a factor e in about 20. On a fitness with many ties (accuracy on a fixed set) TPA can
+stall: once sigma is small enough that the pair ties, z = 0 and sigma stops changing (measured on the digits
+MLP, ``experiments/digits/README.md``; CSA does not stall there).
 
 With ``decomposition_gap=1`` and CSA it is evosax's ``CMA_ES`` generation by generation up to rounding
 (``tests/test_lazy_cma_es.py``, in float64): C = I at generation 0 is taken as already decomposed (B = I,
