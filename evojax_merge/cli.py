@@ -175,6 +175,9 @@ def _plot(args, parser) -> int:
         parser.error("plot takes either run directories (one panel) or --panel TITLE ITEM ... (one or more panels)")
     groups = [[args.title, *args.run_dirs]] if args.run_dirs else args.panel
     panels = [_read_panel(title, items, args.skip_missing) for title, *items in groups]
+    for output in (args.out, args.table):  # e.g. runs/digits/ on a machine that has no runs yet
+        if output:
+            pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
     plot_panels(panels, args.out)
     tables = "\n\n".join(
         (f"### {p['title']}\n\n" if p["title"] else "") + results_table(p["curves"], p["lines"]) for p in panels

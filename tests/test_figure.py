@@ -66,8 +66,9 @@ def test_plot_joins_one_seed_run_directories(tmp_path, capsys):
     fake_run(folder / "seed-42", "cma-es", [2, 1002, 2002, 4002], [[0.1, 0.5, 0.6, 0.9]], seeds=[42], budget=10000)
     fake_run(folder / "seed-43", "cma-es", [2, 1002, 2002], [[0.3, 0.7, 0.6]], seeds=[43], budget=10000)  # running
     (folder / "seed-44").mkdir()  # started, nothing logged yet: no column
-    table = tmp_path / "fig.md"
-    assert cli.main(["plot", "--out", str(tmp_path / "fig.png"), "--table", str(table), str(folder)]) == 0
+    table = tmp_path / "not" / "made" / "fig.md"  # output folders that do not exist yet are created
+    assert cli.main(["plot", "--out", str(tmp_path / "new" / "fig.png"), "--table", str(table), str(folder)]) == 0
+    assert (tmp_path / "new" / "fig.png").stat().st_size > 0
     # Two seeds up to 2,002 passes (seed 42's 4,002 is left out): at 1k (0.5 + 0.7) / 2 +- |0.5 - 0.7| / 2.
     assert "| cma-es | 2 | 2002 | 60.0 +- 10.0 | 60.0 +- 0.0 | - | - |" in table.read_text()
 
