@@ -10,8 +10,8 @@ out="${1:-runs/digits}"
 # Full CMA-ES on the 19,210 raw weights needs ~6 GB and ~75 min per seed on an idle 2-core CPU (13 lazy
 # eigendecompositions of the 19,210^2 covariance, ~4.7 min each): 10 seeds vmapped would need ~60 GB. It
 # runs only with WITH_FULL_CMA_ES=1 (cma_es.yaml, evosax's CSA step size) or WITH_FULL_CMA_ES_TPA=1
-# (cma_es_tpa.yaml, pycma's TPA, which stalls here), one seed at a time (runs/digits/<method>/seed-N; the figure joins them
-# over the passes every seed has reached). Sep-CMA-ES always runs.
+# (cma_es_tpa.yaml, pycma's TPA, which stalls here), one seed at a time (runs/digits/<method>/seed-N;
+# the figure joins them over the passes every seed has reached). Sep-CMA-ES always runs.
 methods="m2n2 m2n2_no_crossover ga ga_no_crossover map_elites sep_cma_es"
 full_cma_es=()
 [ "${WITH_FULL_CMA_ES:-0}" = 1 ] && full_cma_es+=(cma_es)
