@@ -8,7 +8,7 @@ import pytest
 from evojax_merge.config import load_config
 from evojax_merge.errors import ConfigError
 from evojax_merge.run import experiment
-from evojax_merge.strategies.evosax_adapter import scores_to_fitness
+from evojax_merge.strategies.evosax_adapter import EvosaxStrategy, scores_to_fitness, step_size
 from evojax_merge.strategies.lazy_cma_es import LazyCMA_ES
 from evojax_merge.strategies.registry import build_strategy
 
@@ -132,3 +132,95 @@ def test_evosax_settings_round_trip_through_the_resolved_config(tmp_path):
     (tmp_path / "c.yaml").write_text(dump_config(config))
     assert load_config(tmp_path / "c.yaml") == config
     assert config.strategy.evaluations_per_step == 20
+
+
+def test_step_size_is_sigma_or_the_root_mean_square_of_a_per_coordinate_std():
+    cma, params = build_strategy(strategy_config("strategy.name=cma_es", "strategy.sigma_init=0.03"), TEMPLATE)
+    state = cma.init(jax.random.PRNGKey(0), jax.tree.map(lambda x: x[None], TEMPLATE), jnp.ones((1, 4)), params)
+    assert float(cma.counters(state)["step_size"]) == pytest.approx(0.03)
+    # A per-coordinate std [3, 4]: sqrt((9 + 16) / 2).
+    assert float(step_size(state.inner.replace(std=jnp.array([3.0, 4.0])))) == pytest.approx(np.sqrt(12.5))
+    # PSO has no step size: no column rather than a made-up one.
+    pso, params = build_strategy(
+        strategy_config("strategy.name=evosax:PSO", "strategy.num_seed_models=20", "strategy.sigma_init=null"), TEMPLATE
+    )
+    population = jax.tree.map(lambda x: jnp.zeros((20, *x.shape)), TEMPLATE)
+    state = pso.init(jax.random.PRNGKey(0), population, jnp.ones((20, 4)), params)
+    assert step_size(state.inner) is None and "step_size" not in pso.counters(state)
+
+
+SMALL_SEP = ["model.hidden_sizes=[8]", "run.forward_passes=201", "run.log_every=40", "run.checkpoint_every=40",
+             "run.seeds=[5, 6]", "strategy.population_size=10", "strategy.sigma_init=0.1"]
+
+
+def test_metrics_log_the_step_size_the_strategy_state_holds(tmp_path):
+    config = load_config("experiments/digits/sep_cma_es.yaml", SMALL_SEP)
+    run_dir = experiment.new_run_dir(config, tmp_path / "sep")
+    experiment.run_experiment(config, run_dir, progress=False)
+    metrics = experiment.read_metrics(run_dir)
+    sigma = metrics["step_size"]
+    np.testing.assert_allclose(sigma[0], [0.1, 0.1], rtol=1e-6)  # sigma_init before any generation
+    assert np.all(np.isfinite(sigma)) and np.all(sigma[1:] != 0.1)  # CSA moves it every generation
+    # The last row is the final state's sigma (read back from the run's last checkpoint).
+    restored = _final_state(run_dir, config)
+    np.testing.assert_allclose(sigma[-1], np.asarray(restored.strategy_state.inner.std), rtol=1e-5)
+    # Strategies without a step size keep the old columns exactly.
+    m2n2 = load_config("experiments/digits/m2n2.yaml", ["model.hidden_sizes=[8]", "run.forward_passes=42",
+                                                       "run.log_every=20", "run.seeds=[1]"])
+    m2n2_dir = experiment.new_run_dir(m2n2, tmp_path / "m2n2")
+    experiment.run_experiment(m2n2, m2n2_dir, progress=False)
+    header = (m2n2_dir / "metrics.csv").read_text().splitlines()[0]
+    assert header == "seed,forward_passes,train_accuracy,test_accuracy,archive_filled,rejected_nonfinite"
+
+
+def test_a_checkpoint_from_before_the_step_size_column_resumes(tmp_path, monkeypatch):
+    """A run interrupted by a version that did not log step sizes resumes: those rows read NaN, the rest
+    of metrics.csv equals an uninterrupted run's."""
+    import signal
+
+    config = load_config("experiments/digits/sep_cma_es.yaml", SMALL_SEP)
+    straight_dir = experiment.new_run_dir(config, tmp_path / "straight")
+    experiment.run_experiment(config, straight_dir, progress=False)
+
+    counters, write_metrics, writes = EvosaxStrategy.counters, experiment._write_metrics, []
+
+    def old_counters(self, state):
+        return {k: v for k, v in counters(self, state).items() if k != "step_size"}
+
+    def interrupt_after_second_chunk(*args):
+        write_metrics(*args)
+        writes.append(1)
+        if len(writes) == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(EvosaxStrategy, "counters", old_counters)
+    monkeypatch.setattr(experiment, "_write_metrics", interrupt_after_second_chunk)
+    old_dir = experiment.new_run_dir(config, tmp_path / "old")
+    assert experiment.run_experiment(config, old_dir, progress=False)["status"] == "interrupted"
+    assert "step_size" not in (old_dir / "metrics.csv").read_text()
+    monkeypatch.undo()
+
+    assert experiment.resume_experiment(old_dir, progress=False)["status"] == "complete"
+    resumed, straight = experiment.read_metrics(old_dir), experiment.read_metrics(straight_dir)
+    for key in straight:
+        if key != "step_size":
+            np.testing.assert_array_equal(resumed[key], straight[key])
+    assert np.all(np.isnan(resumed["step_size"][:3]))  # the initial row and two logged points
+    np.testing.assert_array_equal(resumed["step_size"][3:], straight["step_size"][3:])
+
+
+def _final_state(run_dir, config):
+    from evojax_merge.run.checkpoint import RunCheckpoints
+
+    data = experiment.load_dataset("digits")
+    evolution = experiment.build_evolution(config, data.num_features, data.num_classes)
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in config.run.seeds])
+    runs = jax.eval_shape(jax.vmap(lambda k: evolution.init(k, (data.train.x, data.train.y))), keys)
+    num_logs, num_seeds = len(experiment.read_metrics(run_dir)["forward_passes"]), len(config.run.seeds)
+    history = {k: np.zeros((num_logs, num_seeds), np.float32) for k in ("train_accuracy", "test_accuracy", "step_size")}
+    history.update({k: np.zeros((num_logs, num_seeds), np.int32)
+                    for k in ("forward_passes", "archive_filled", "rejected_nonfinite")})
+    checkpoints = RunCheckpoints(run_dir / "checkpoints")
+    _, restored = checkpoints.restore({"runs": runs, "history": history, "log_index": np.int32(0)})
+    checkpoints.close()
+    return restored["runs"]

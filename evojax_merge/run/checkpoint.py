@@ -56,6 +56,19 @@ class RunCheckpoints:
         with_manifest = [s for s in steps if (self.directory / str(s) / MANIFEST).is_file()]
         return with_manifest[0] if with_manifest else (steps[0] if steps else None)
 
+    def holds(self, keys: tuple[str, ...]) -> bool:
+        """Whether the latest finished checkpoint has the dict entry ``tree[keys[0]][keys[1]]...``.
+
+        Read from its layout file; a checkpoint from before layout files is assumed to hold it.
+        """
+        step = self.resumable_step()
+        layout_path = None if step is None else self.directory / str(step) / LAYOUT
+        if layout_path is None or not layout_path.is_file():
+            return True
+        prefix = "".join(f"[{k!r}]" for k in keys)
+        return any(path == prefix or path.startswith(prefix + "[") or path.startswith(prefix + ".")
+                   for path in json.loads(layout_path.read_text()))
+
     def verify(self, step: int):
         """Raise CheckpointError if a file of ``step`` is missing or differs from its manifest."""
         folder = self.directory / str(step)

@@ -82,7 +82,8 @@ class Evolution:
         """What is logged: the strategy's best model by training score, its test score, and its counters.
 
         Every strategy provides ``best(state) -> (params, train score)`` and ``counters(state)`` (a dict
-        with ``archive_filled`` and ``rejected_nonfinite``), so the runner does not know archive layouts.
+        with ``archive_filled`` and ``rejected_nonfinite``, and ``step_size`` for evosax strategies that
+        have one), so the runner does not know archive layouts.
         """
         best_model, train_score = self.strategy.best(run.strategy_state)
         return {

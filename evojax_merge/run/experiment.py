@@ -37,6 +37,9 @@ from evojax_merge.strategies.registry import build_strategy
 from evojax_merge.tasks.classification import class_membership, classification_scores
 
 METRIC_KEYS = ("forward_passes", "train_accuracy", "test_accuracy", "archive_filled", "rejected_nonfinite")
+# Columns only some strategies report: the search distribution's step size (evosax strategies with a
+# ``std``; see evojax_merge.strategies.evosax_adapter.step_size). Archive strategies have none.
+OPTIONAL_METRIC_KEYS = ("step_size",)
 
 
 def build_evolution(config: ExperimentConfig, num_features: int, num_classes: int, train_labels=None) -> Evolution:
@@ -117,7 +120,10 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
 
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
     if resume:
-        like = {"runs": runs, "history": history, "log_index": np.int32(0)}
+        # A checkpoint written before a column existed restores without it; its rows so far read NaN.
+        absent = [k for k in OPTIONAL_METRIC_KEYS if k in history and not checkpoints.holds(("history", k))]
+        like = {"runs": runs, "history": {k: v for k, v in history.items() if k not in absent},
+                "log_index": np.int32(0)}
         try:
             _, restored = checkpoints.restore(like)
         except CheckpointError:
@@ -128,6 +134,7 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
         runs, history, log_index = restored["runs"], restored["history"], int(restored["log_index"])
         runs = place(runs, runs_sharding)  # restored arrays land on the default device
         history = {k: np.asarray(v) for k, v in history.items()}
+        history.update({k: np.full((num_logs, len(seeds)), np.nan, np.float32) for k in absent})
     else:
         for k, v in report.items():
             history[k][0] = np.asarray(v)
@@ -236,17 +243,19 @@ def read_curve(path: str | pathlib.Path) -> dict | None:
 
 
 def _write_metrics(run_dir, seeds, history, log_index):
+    keys = [*METRIC_KEYS, *(k for k in OPTIONAL_METRIC_KEYS if k in history)]
     rows = [
-        [seed] + [_plain(history[k][i, j]) for k in METRIC_KEYS]
+        [seed] + [_plain(history[k][i, j]) for k in keys]
         for j, seed in enumerate(seeds)
         for i in range(log_index + 1)
     ]
-    write_csv(run_dir / "metrics.csv", ["seed", *METRIC_KEYS], rows)
+    write_csv(run_dir / "metrics.csv", ["seed", *keys], rows)
 
 
 def _plain(value):
     value = value.item()
-    return round(value, 6) if isinstance(value, float) else value
+    # 6 significant digits, not decimals: a step size of 4.8e-4 must not print as 0.00048 -> 0.0005.
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def _summary(config, seeds, history, log_index, status, elapsed, passes_done):

@@ -107,9 +107,30 @@ class EvosaxStrategy:
         return self.strategy._unravel_solution(inner.best_solution), -inner.best_fitness
 
     def counters(self, state: State) -> dict[str, jax.Array]:
-        """``archive_filled``: solutions kept (the population of a population-based strategy, else 0)."""
+        """``archive_filled``: solutions kept (the population of a population-based strategy, else 0);
+        ``step_size``: the search distribution's step size (:func:`step_size`), for strategies that have one."""
         kept = self.population_size if self.population_based else 0
-        return {"archive_filled": jnp.int32(kept), "rejected_nonfinite": state.num_rejected_nonfinite}
+        out = {"archive_filled": jnp.int32(kept), "rejected_nonfinite": state.num_rejected_nonfinite}
+        size = step_size(state.inner)
+        if size is not None:
+            out["step_size"] = size
+        return out
+
+
+def step_size(inner) -> jax.Array | None:
+    """The overall step size of an evosax state (its ``std``), or None if the strategy has none.
+
+    A scalar ``std`` (the sigma of CMA-ES, Sep-CMA-ES, xNES, OpenES; a GA's mutation std) is returned as it
+    is; a vector (per coordinate: SNES, PGPE, DES; per member: self-adaptive GAs such as SAMR_GA) as its
+    root mean square, the typical distance per coordinate of a sample from its centre.
+    For CMA-ES the spread along a coordinate is sigma times the square root of C's diagonal; sigma is what
+    step-size adaptation (CSA, TPA) moves and what stalls or collapses when it fails.
+    """
+    std = getattr(inner, "std", None)
+    if std is None:
+        return None
+    std = jnp.asarray(std, jnp.float32)
+    return std if std.ndim == 0 else jnp.sqrt(jnp.mean(jnp.square(std)))
 
 
 def scores_to_fitness(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
