@@ -135,3 +135,12 @@ def test_a_save_killed_before_its_manifest_is_redone_after_resume(tmp_path):
     step, restored = resumed.restore(like)
     assert step == 2 and np.all(np.asarray(restored["x"]) == 4.0)
     resumed.close()
+
+
+def test_absent_entries_are_read_from_the_checkpoint_layout(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path / "checkpoints")
+    assert checkpoints.absent_entries("history", ["a"]) == []  # nothing saved yet: nothing to leave out
+    checkpoints.save(1, {"history": {"a": np.zeros(2), "ab": {"x": np.zeros(1)}}, "b": np.zeros(1)})
+    # "a" and "ab" (a dict) are there; "a_b", "b" and "x" are not keys of history.
+    assert checkpoints.absent_entries("history", ["a", "ab", "a_b", "b", "x"]) == ["a_b", "b", "x"]
+    checkpoints.close()

@@ -56,18 +56,23 @@ class RunCheckpoints:
         with_manifest = [s for s in steps if (self.directory / str(s) / MANIFEST).is_file()]
         return with_manifest[0] if with_manifest else (steps[0] if steps else None)
 
-    def holds(self, keys: tuple[str, ...]) -> bool:
-        """Whether the latest finished checkpoint has the dict entry ``tree[keys[0]][keys[1]]...``.
+    def absent_entries(self, parent: str, names) -> list[str]:
+        """Those of ``names`` that are not keys of the dict ``tree[parent]`` in the latest finished checkpoint.
 
-        Read from its layout file; a checkpoint from before layout files is assumed to hold it.
+        For entries added to a run's tree after a checkpoint was written (a new metrics column): the
+        caller restores without them. Read from the layout file; a checkpoint from before layout files
+        is taken to hold everything.
         """
         step = self.resumable_step()
         layout_path = None if step is None else self.directory / str(step) / LAYOUT
         if layout_path is None or not layout_path.is_file():
-            return True
-        prefix = "".join(f"[{k!r}]" for k in keys)
-        return any(path == prefix or path.startswith(prefix + "[") or path.startswith(prefix + ".")
-                   for path in json.loads(layout_path.read_text()))
+            return []
+        paths = json.loads(layout_path.read_text())
+
+        def held(prefix):  # the entry itself, or a leaf under it (['a']['b'][0], ['a']['b'].field)
+            return any(p == prefix or p.startswith((prefix + "[", prefix + ".")) for p in paths)
+
+        return [name for name in names if not held(f"[{parent!r}][{name!r}]")]
 
     def verify(self, step: int):
         """Raise CheckpointError if a file of ``step`` is missing or differs from its manifest."""

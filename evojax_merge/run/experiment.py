@@ -121,7 +121,7 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
     if resume:
         # A checkpoint written before a column existed restores without it; its rows so far read NaN.
-        absent = [k for k in OPTIONAL_METRIC_KEYS if k in history and not checkpoints.holds(("history", k))]
+        absent = checkpoints.absent_entries("history", [k for k in OPTIONAL_METRIC_KEYS if k in history])
         like = {"runs": runs, "history": {k: v for k, v in history.items() if k not in absent},
                 "log_index": np.int32(0)}
         try:

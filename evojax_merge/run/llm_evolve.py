@@ -52,6 +52,7 @@ from evojax_merge.run.experiment import _StopOnSignal
 from evojax_merge.run.files import write_atomic, write_csv, write_json
 from evojax_merge.run.plot import plot_curves
 from evojax_merge.run.population_sharding import check_population_divisible, population_map, population_model_mesh
+from evojax_merge.strategies.evosax_adapter import step_size
 from evojax_merge.strategies.evosax_search import EvosaxSearch
 from evojax_merge.tasks.lm_suite import GivenSkill, SkillSpec, SkillSuite, build_suite, suite_from_examples
 from evojax_merge.train.lm_seeds import SeedManifest
@@ -240,7 +241,7 @@ def generation_step(ask, tell, evaluate, mesh, donate_state: bool = False):
 
 
 GENOME_METRICS = ("generation", "evaluations", "best_train", "generation_best", "generation_mean",
-                  "rejected_nonfinite")
+                  "rejected_nonfinite", "step_size")
 
 
 def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_config: SearchConfig,
@@ -277,6 +278,7 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
         # Row 0 is the initial mean: the starting point's test score is the baseline of the curve.
         for k in ("best_train", "generation_best", "generation_mean"):
             history[k][0] = np.nan
+        history["step_size"][0] = _step_size(state)
 
     def step_row(history, g, state, key):
         state, metrics = step(state, key, suite.train, problem.data)
@@ -286,6 +288,7 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
         history["generation_best"][g] = float(metrics["generation_best_score"])
         history["generation_mean"][g] = float(metrics["generation_mean_score"])
         history["rejected_nonfinite"][g] = int(state.num_rejected_nonfinite)
+        history["step_size"][g] = _step_size(state)
         return state, search.population_size
 
     loop = _run_loop(stage_dir, config, suite, state, key, _history(generations + 1, GENOME_METRICS, suite),
@@ -622,10 +625,14 @@ def _run_loop(stage_dir, config: EvolveConfig, suite: SkillSuite, state, key, hi
     first = 0
     try:
         if resume and checkpoints.resumable_step() is not None:
-            like = {"state": state, "key": jax.random.key_data(key), "history": history, "row": np.int32(0)}
+            # Columns added after a checkpoint was written (step_size) restore as empty.
+            absent = checkpoints.absent_entries("history", [k for k in OPTIONAL_COLUMNS if k in history])
+            like = {"state": state, "key": jax.random.key_data(key), "row": np.int32(0),
+                    "history": {k: v for k, v in history.items() if k not in absent}}
             _, restored = checkpoints.restore(like)
             state = restored["state"]
-            history = {k: np.asarray(restored["history"][k]) for k in history}  # keep the column order
+            history = {k: np.full_like(v, np.nan) if k in absent else np.asarray(restored["history"][k])
+                       for k, v in history.items()}  # keep the column order
             key, first = jax.random.wrap_key_data(restored["key"]), int(restored["row"])
         else:
             initial_row(history, state)
@@ -662,6 +669,15 @@ def _run_loop(stage_dir, config: EvolveConfig, suite: SkillSuite, state, key, hi
 
 
 # ---------------------------------------------------------------------------------------- helpers
+OPTIONAL_COLUMNS = ("step_size",)
+
+
+def _step_size(state) -> float:
+    """The search distribution's step size (sigma) of a genome search state, NaN if it has none."""
+    size = step_size(state.es_state)
+    return np.nan if size is None else float(size)
+
+
 def _history(rows: int, keys, suite: SkillSuite) -> dict[str, np.ndarray]:
     history = {k: np.zeros(rows, np.float64) for k in keys}
     for name in (*suite.names, "all"):
@@ -684,7 +700,8 @@ def _cell(value):
     value = float(value)
     if math.isnan(value):
         return ""
-    return int(value) if value.is_integer() else round(value, 6)
+    # 6 significant digits (a small step size keeps its digits; 6 decimals would round 4.8e-7 to 0).
+    return int(value) if value.is_integer() else float(f"{value:.6g}")
 
 
 def _plot(stage_dir, history, last, title):
