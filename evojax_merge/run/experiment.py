@@ -7,6 +7,7 @@ Layout of a run directory (created before anything is computed)::
       metrics.csv      one row per seed and logged point (forward passes, train and test accuracy, ...)
       summary.json     final test accuracy (mean, standard error, per seed), speed, status
       test_accuracy.png  test accuracy against forward passes, band = 1 standard error over seeds
+      step_size.png    the search distribution's step size per seed (evosax strategies that have one)
       checkpoints/     orbax checkpoints of the whole loop state, for --resume
 """
 
@@ -32,7 +33,7 @@ from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.evolve import Evolution, log_schedule
 from evojax_merge.run.files import write_atomic, write_csv, write_json
 from evojax_merge.run.sharding import agree, check_divisible, is_writer, place, run_shardings, runs_mesh
-from evojax_merge.run.plot import mean_and_standard_error, plot_curves
+from evojax_merge.run.plot import mean_and_standard_error, plot_curves, plot_step_size
 from evojax_merge.strategies.registry import build_strategy
 from evojax_merge.tasks.classification import class_membership, classification_scores
 
@@ -179,6 +180,9 @@ def run_experiment(config: ExperimentConfig, run_dir: pathlib.Path, resume: bool
         run_dir / "test_accuracy.png",
         title=f"{config.name} on {config.data.name}",
     )
+    if "step_size" in history:
+        plot_step_size(history["forward_passes"][: log_index + 1, 0], history["step_size"][: log_index + 1],
+                       seeds, run_dir / "step_size.png", title=f"{config.name} on {config.data.name}: step size")
     return summary
 
 

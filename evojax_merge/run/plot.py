@@ -57,6 +57,39 @@ def plot_panels(panels: list[dict], path: str | pathlib.Path, ylabel: str = "Tes
         ax.set_title(panel["title"])
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def plot_step_size(forward_passes: np.ndarray, step_sizes: np.ndarray, seeds, path: str | pathlib.Path, title: str = ""):
+    """Write a PNG of a search distribution's step size against forward passes, one line per seed, log scale.
+
+    The step size is what CMA-ES's step-size adaptation moves: a line that falls and then stays flat while
+    accuracy does not improve is a stalled search (pycma's TPA on digits, ``experiments/digits/README.md``).
+
+    Args:
+      forward_passes: (T,); step_sizes: (T, num_seeds), positive (NaN where not logged: not drawn);
+      seeds: the seed of each column (legend); path: output PNG, written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for column, seed in enumerate(seeds):
+        ax.plot(forward_passes, np.asarray(step_sizes)[:, column], lw=1.2, label=f"seed {seed}")
+    ax.set_yscale("log")
+    ax.set_xlabel("Forward passes")
+    ax.set_ylabel("Step size (sigma)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    _save(fig, path)
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
