@@ -258,7 +258,7 @@ def _write_metrics(run_dir, seeds, history, log_index):
 
 def _plain(value):
     value = value.item()
-    # 6 significant digits, not decimals: a step size of 4.8e-4 must not print as 0.00048 -> 0.0005.
+    # 6 significant digits, not decimals: a step size of 4.8123e-7 must not print as 0 (6 decimals would).
     return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
