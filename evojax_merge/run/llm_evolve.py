@@ -48,7 +48,7 @@ from evojax_merge.merge.operators import get_method, stack_trees
 from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_genome
 from evojax_merge.models import hf_io, llama, path_io
 from evojax_merge.run.checkpoint import RunCheckpoints
-from evojax_merge.run.experiment import _StopOnSignal
+from evojax_merge.run.experiment import OPTIONAL_METRIC_KEYS, _StopOnSignal
 from evojax_merge.run.files import write_atomic, write_csv, write_json
 from evojax_merge.run.plot import plot_curves
 from evojax_merge.run.population_sharding import check_population_divisible, population_map, population_model_mesh
@@ -626,7 +626,7 @@ def _run_loop(stage_dir, config: EvolveConfig, suite: SkillSuite, state, key, hi
     try:
         if resume and checkpoints.resumable_step() is not None:
             # Columns added after a checkpoint was written (step_size) restore as empty.
-            absent = checkpoints.absent_entries("history", [k for k in OPTIONAL_COLUMNS if k in history])
+            absent = checkpoints.absent_entries("history", [k for k in OPTIONAL_METRIC_KEYS if k in history])
             like = {"state": state, "key": jax.random.key_data(key), "row": np.int32(0),
                     "history": {k: v for k, v in history.items() if k not in absent}}
             _, restored = checkpoints.restore(like)
@@ -669,9 +669,6 @@ def _run_loop(stage_dir, config: EvolveConfig, suite: SkillSuite, state, key, hi
 
 
 # ---------------------------------------------------------------------------------------- helpers
-OPTIONAL_COLUMNS = ("step_size",)
-
-
 def _step_size(state) -> float:
     """The search distribution's step size (sigma) of a genome search state, NaN if it has none."""
     size = step_size(state.es_state)
