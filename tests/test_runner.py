@@ -144,3 +144,22 @@ def test_absent_entries_are_read_from_the_checkpoint_layout(tmp_path):
     # "a" and "ab" (a dict) are there; "a_b", "b" and "x" are not keys of history.
     assert checkpoints.absent_entries("history", ["a", "ab", "a_b", "b", "x"]) == ["a_b", "b", "x"]
     checkpoints.close()
+
+
+def test_a_save_is_not_reported_as_waiting_for_the_one_before(tmp_path, monkeypatch, caplog):
+    """orbax warns when a save had to wait for the previous one; ours finish before save() returns, so
+    the warning would only repeat how long the last save took, misleading ("checkpoint less often")."""
+    import logging
+
+    import orbax.checkpoint.checkpoint_manager as orbax_manager
+
+    # orbax's threshold is 1 s; a 64 MB save takes longer than 1 ms on any machine.
+    monkeypatch.setattr(orbax_manager, "_WAIT_FOR_PREV_SAVE_WARNING_THRESHOLD_SECS", 1e-3)
+    checkpoints = RunCheckpoints(tmp_path / "checkpoints")
+    big = {"x": np.ones((4096, 4096), np.float32)}
+    with caplog.at_level(logging.WARNING):
+        for step in (1, 2, 3):
+            checkpoints.save(step, big)
+    checkpoints.close()
+    assert not [r for r in caplog.records if "previous save" in r.getMessage()]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]

@@ -28,8 +28,14 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 2):
         self.directory = pathlib.Path(directory).absolute()
+        # Synchronous: the manifest below needs the committed files, so every save is waited for anyway.
+        # An async manager would also book that wait as "waiting for the previous save" and warn about
+        # it at the next save ("consider checkpointing less frequently"), which is not what happened.
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -41,7 +47,6 @@ class RunCheckpoints:
             # resumed from the step before and has now recomputed this one, so it replaces the leftover.
             self._manager.delete(step)
         self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
-        self._manager.wait_until_finished()
         if jax.process_index() == 0:
             write_json(self.directory / str(step) / LAYOUT, _layout(tree))
             write_json(self.directory / str(step) / MANIFEST, _file_hashes(self.directory / str(step)))
