@@ -1,5 +1,7 @@
 """evosax strategies by name: config checks, scores -> minimised fitness, NaN handling, best(), budget."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,6 +166,8 @@ def test_metrics_log_the_step_size_the_strategy_state_holds(tmp_path):
     # The last row is the final state's sigma (read back from the run's last checkpoint).
     restored = _final_state(run_dir, config)
     np.testing.assert_allclose(sigma[-1], np.asarray(restored.strategy_state.inner.std), rtol=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    np.testing.assert_allclose(summary["final_step_size_per_seed"], sigma[-1], rtol=1e-5)
     assert (run_dir / "step_size.png").read_bytes().startswith(b"\x89PNG")
     # Strategies without a step size keep the old columns exactly.
     m2n2 = load_config("experiments/digits/m2n2.yaml", ["model.hidden_sizes=[8]", "run.forward_passes=42",
@@ -173,6 +177,7 @@ def test_metrics_log_the_step_size_the_strategy_state_holds(tmp_path):
     header = (m2n2_dir / "metrics.csv").read_text().splitlines()[0]
     assert header == "seed,forward_passes,train_accuracy,test_accuracy,archive_filled,rejected_nonfinite"
     assert not (m2n2_dir / "step_size.png").exists()
+    assert "final_step_size_per_seed" not in json.loads((m2n2_dir / "summary.json").read_text())
 
 
 def test_a_checkpoint_from_before_the_step_size_column_resumes(tmp_path, monkeypatch):

@@ -265,6 +265,10 @@ def _plain(value):
 def _summary(config, seeds, history, log_index, status, elapsed, passes_done):
     final_test = history["test_accuracy"][log_index]
     mean, se = mean_and_standard_error(final_test[None])
+    # Where a distribution strategy ended (its sigma per seed): a collapsed or exploded step size explains
+    # a stalled run without opening the checkpoint. Only for strategies that have one (metrics.csv too).
+    optional = {f"final_{k}_per_seed": [_plain(v) for v in history[k][log_index]]
+                for k in OPTIONAL_METRIC_KEYS if k in history}
     return {
         "name": config.name,
         "status": status,
@@ -275,6 +279,7 @@ def _summary(config, seeds, history, log_index, status, elapsed, passes_done):
         "final_test_accuracy_standard_error": float(se[0]),
         "final_test_accuracy_per_seed": [float(v) for v in final_test],
         "final_train_accuracy_mean": float(history["train_accuracy"][log_index].mean()),
+        **optional,
         "rejected_nonfinite_children": int(history["rejected_nonfinite"][log_index].sum()),
         "wall_seconds_this_session": round(elapsed, 2),
         "forward_passes_per_second_all_seeds": round(passes_done / elapsed, 1) if elapsed > 0 else None,
