@@ -219,6 +219,7 @@ def test_ps_run_writes_its_results_and_resumes_to_the_same_end(tmp_path, seeds):
     # CMA-ES's sigma: the configured 1/6 at the start, then moved by step-size adaptation every generation.
     sigma = [float(r["step_size"]) for r in rows]
     assert sigma[0] == pytest.approx(1 / 6, rel=1e-5) and all(s > 0 and s != sigma[0] for s in sigma[1:])
+    assert json.loads((run / "summary.json").read_text())["final_step_size"] == pytest.approx(sigma[-1], rel=1e-5)
     # Drop the last checkpoint: --resume redoes generation 3 from generation 2's state.
     shutil.copytree(run, tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "3")

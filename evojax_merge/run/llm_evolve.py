@@ -313,6 +313,7 @@ def run_genome_search(stage_dir: pathlib.Path, problem: GenomeProblem, search_co
         "best_test": suite.accuracies(final_test, suite.test),
         "initial_test": {name: float(history[f"test_{name}"][0]) for name in (*suite.names, "all")},
         "rejected_nonfinite_candidates": int(state.num_rejected_nonfinite),
+        "final_step_size": float(history["step_size"][last]),
         **loop.speed(),
     }
     return summary | {"best_genome": best_genome}
