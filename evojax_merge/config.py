@@ -247,7 +247,25 @@ def _coerce(hint, value, key: str):
 
 def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML config (or the defaults when ``path`` is None), apply ``key.sub=value`` overrides, validate."""
-    return from_dict(ExperimentConfig, read_yaml_with_overrides(path, overrides)).validate()
+    from evojax_merge.evolve_config import EvolveConfig
+
+    data = read_yaml_with_overrides(path, overrides)
+    refuse_other_command(data, path, ExperimentConfig, "run", EvolveConfig, "evolve")
+    return from_dict(ExperimentConfig, data).validate()
+
+
+def refuse_other_command(data: dict, path, cls, command: str, other_cls, other_command: str):
+    """A file written for the other command gets a message saying so, not just its first unknown key.
+
+    experiments/ holds both kinds side by side (digits runs and LLM merges); their top-level keys differ.
+    """
+    own, other = {f.name for f in dataclasses.fields(cls)}, {f.name for f in dataclasses.fields(other_cls)}
+    foreign = sorted(set(data) - own)
+    if foreign and set(data) <= other:
+        raise ConfigError(
+            f"config file {path} is for 'evojax-merge {other_command}', not 'evojax-merge {command}' "
+            f"(its keys {', '.join(foreign)} are {other_command} sections): run 'evojax-merge {other_command} {path}'"
+        )
 
 
 def read_yaml_with_overrides(path: str | pathlib.Path | None, overrides: list[str] = ()) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from evojax_merge.config import _check, from_dict, read_yaml_with_overrides
+from evojax_merge.config import ExperimentConfig, _check, from_dict, read_yaml_with_overrides, refuse_other_command
 from evojax_merge.tasks.kinds import KINDS, NONNEGATIVE_KINDS
 
 SEARCHES = ("ps", "dfs", "ps_dfs", "m2n2")
@@ -241,4 +241,6 @@ class EvolveConfig:
 
 def load_evolve_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> EvolveConfig:
     """Read an evolve YAML config, apply ``section.key=value`` overrides, validate."""
-    return from_dict(EvolveConfig, read_yaml_with_overrides(path, overrides)).validate()
+    data = read_yaml_with_overrides(path, overrides)
+    refuse_other_command(data, path, EvolveConfig, "evolve", ExperimentConfig, "run")
+    return from_dict(EvolveConfig, data).validate()

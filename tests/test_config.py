@@ -57,3 +57,19 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_a_config_of_the_other_command_is_named_as_such(tmp_path):
+    """experiments/ holds digits runs and LLM merges side by side: the wrong command says which is right."""
+    from evojax_merge.evolve_config import load_evolve_config
+
+    with pytest.raises(ConfigError, match=r"is for 'evojax-merge evolve', not 'evojax-merge run' \(its keys m2n2, "
+                                          r"search, seeds, task are evolve sections\)"):
+        load_config("experiments/llm_merge/m2n2.yaml")
+    with pytest.raises(ConfigError, match=r"is for 'evojax-merge run', not 'evojax-merge evolve' \(its keys data, "
+                                          r"model, strategy are run sections\)"):
+        load_evolve_config("experiments/digits/m2n2.yaml")
+    # A key that belongs to neither is an unknown key, as before.
+    (tmp_path / "typo.yaml").write_text("name: x\nsearch: ps\nstrategy: {name: m2n2}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'search'"):
+        load_config(tmp_path / "typo.yaml")
