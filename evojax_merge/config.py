@@ -262,9 +262,11 @@ def refuse_other_command(data: dict, path, cls, command: str, other_cls, other_c
     own, other = {f.name for f in dataclasses.fields(cls)}, {f.name for f in dataclasses.fields(other_cls)}
     foreign = sorted(set(data) - own)
     if foreign and set(data) <= other:
+        what = f"config file {path} is" if path is not None else "these --set overrides are"
         raise ConfigError(
-            f"config file {path} is for 'evojax-merge {other_command}', not 'evojax-merge {command}' "
-            f"(its keys {', '.join(foreign)} are {other_command} sections): run 'evojax-merge {other_command} {path}'"
+            f"{what} for 'evojax-merge {other_command}', not 'evojax-merge {command}' "
+            f"(its keys {', '.join(foreign)} are {other_command} sections): run 'evojax-merge {other_command}'"
+            + (f" {path}" if path is not None else "")
         )
 
 

@@ -69,6 +69,8 @@ def test_a_config_of_the_other_command_is_named_as_such(tmp_path):
     with pytest.raises(ConfigError, match=r"is for 'evojax-merge run', not 'evojax-merge evolve' \(its keys data, "
                                           r"model, strategy are run sections\)"):
         load_evolve_config("experiments/digits/m2n2.yaml")
+    with pytest.raises(ConfigError, match=r"these --set overrides are for 'evojax-merge evolve'.*: run 'evojax-merge evolve'$"):
+        load_config(None, ["search=ps"])
     # A key that belongs to neither is an unknown key, as before.
     (tmp_path / "typo.yaml").write_text("name: x\nsearch: ps\nstrategy: {name: m2n2}\n")
     with pytest.raises(ConfigError, match="unknown config key 'search'"):
