@@ -1,5 +1,7 @@
 """Configs: defaults are the paper's, and bad values are rejected with a message naming the key."""
 
+from pathlib import Path
+
 import pytest
 
 from evojax_merge.config import ExperimentConfig, dump_config, load_config
@@ -12,6 +14,26 @@ def test_experiment_configs_load(tmp_path):
         assert config.run.forward_passes == 50_000 and config.run.seeds == list(range(42, 52))
     ga = load_config("experiments/digits/ga.yaml")
     assert ga.strategy.alpha == 0 and not ga.strategy.matchmaker and ga.strategy.crossover
+
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+RUN_CONFIGS = sorted(p for folder in ("digits", "fashion_mnist") for p in (EXPERIMENTS / folder).rglob("*.yaml"))
+EVOLVE_CONFIGS = sorted(p for folder in ("llm_merge", "llm_merge_smollm2") for p in (EXPERIMENTS / folder).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_run_config_and_committed_result_config_loads(path):
+    """The configs the READMEs tell users to run, and the resolved config.yaml of every committed result
+    (which reproduces that run), stay valid as the config schema changes."""
+    config = load_config(path)
+    assert config.run.forward_passes > 0 and config.run.seeds
+
+
+@pytest.mark.parametrize("path", EVOLVE_CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_evolve_config_loads(path):
+    from evojax_merge.evolve_config import load_evolve_config
+
+    assert load_evolve_config(path).seeds
 
 
 def test_resolved_config_round_trips(tmp_path):
