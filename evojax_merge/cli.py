@@ -184,7 +184,7 @@ def _plot(args, parser) -> int:
     )
     print(tables)
     if args.table:
-        from evojax_merge.run.files import write_atomic
+        from evojax_merge.files import write_atomic
 
         write_atomic(args.table, tables + "\n")
         print(f"wrote {args.table}")
@@ -223,7 +223,7 @@ def _slerp_line(args) -> int:
     import json
 
     from evojax_merge.config import load_config
-    from evojax_merge.run.files import write_atomic
+    from evojax_merge.files import write_atomic
     from evojax_merge.run.slerp_line import brute_force_slerp
 
     result = brute_force_slerp(load_config(args.config, args.set), num_ratios=args.ratios)

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from evojax_merge.errors import CheckpointError
-from evojax_merge.run.files import write_json
+from evojax_merge.files import write_json
 
 # Written into a step folder after orbax has committed it: the SHA-256 of every file, so that damaged
 # bytes are found before orbax reads them (orbax does not checksum raw array chunks).

@@ -31,7 +31,7 @@ from evojax_merge.models.mlp import MLP
 from evojax_merge.models.pretrain import specialist_seed_models
 from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.evolve import Evolution, log_schedule
-from evojax_merge.run.files import write_atomic, write_csv, write_json
+from evojax_merge.files import write_atomic, write_csv, write_json
 from evojax_merge.run.sharding import agree, check_divisible, is_writer, place, run_shardings, runs_mesh
 from evojax_merge.run.plot import mean_and_standard_error, plot_curves, plot_step_size
 from evojax_merge.strategies.registry import build_strategy

@@ -49,7 +49,7 @@ from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_ge
 from evojax_merge.models import hf_io, llama, path_io
 from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.experiment import OPTIONAL_METRIC_KEYS, _StopOnSignal
-from evojax_merge.run.files import write_atomic, write_csv, write_json
+from evojax_merge.files import write_atomic, write_csv, write_json
 from evojax_merge.run.plot import plot_curves
 from evojax_merge.run.population_sharding import check_population_divisible, population_map, population_model_mesh
 from evojax_merge.strategies.evosax_adapter import step_size

@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 
-from evojax_merge.run.files import write_atomic
+from evojax_merge.files import write_atomic
 
 
 def mean_and_standard_error(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,7 @@ import optax
 from evojax_merge.data.synthetic_text import TextExample
 from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.models import hf_io, llama
-from evojax_merge.run.files import write_atomic, write_csv, write_json
+from evojax_merge.files import write_atomic, write_csv, write_json
 from evojax_merge.tasks import lm
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

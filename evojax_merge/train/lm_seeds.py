@@ -35,7 +35,7 @@ import numpy as np
 from evojax_merge.data.synthetic_text import CharTokenizer, TextExample, make_splits, read_jsonl, write_jsonl
 from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.models import hf_io, llama
-from evojax_merge.run.files import write_atomic, write_json
+from evojax_merge.files import write_atomic, write_json
 from evojax_merge.train.lm_finetune import EvalTask, FinetuneConfig, evaluate, finetune, prepare_eval_tasks
 
 # How each skill is scored: a numeric answer by its last number, a list answer by exact string + EOS.

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from evojax_merge.evolve_config import load_evolve_config
     from evojax_merge.merge.operators import merge_trees, stack_trees
     from evojax_merge.run import llm_evolve
-    from evojax_merge.run.files import write_atomic, write_json
+    from evojax_merge.files import write_atomic, write_json
 
     try:
         config = load_evolve_config(a.config, a.set)

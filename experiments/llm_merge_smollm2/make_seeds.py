@@ -27,7 +27,7 @@ import numpy as np
 from evojax_merge.data.synthetic_text import TextExample, write_jsonl
 from evojax_merge.errors import DataError, EvojaxMergeError
 from evojax_merge.models import gguf_io, llama
-from evojax_merge.run.files import write_atomic, write_json
+from evojax_merge.files import write_atomic, write_json
 from evojax_merge.tasks import lm
 from evojax_merge.train.lm_finetune import EvalTask, FinetuneConfig, evaluate, finetune, prepare_eval_tasks, \
     save_model_atomic
