@@ -3,7 +3,7 @@
 
 Scanned JAX models keep the decoder layers stacked on a leading axis of every leaf of the ``layers``
 subtree; slicing and stacking layer ranges is then one concatenation per leaf. The merge command does the
-same on Hugging Face checkpoints by renaming ``layers.<i>`` (see :mod:`evojax_merge.merge.cli`).
+same on Hugging Face checkpoints by renaming ``layers.<i>`` (see :mod:`evojax_merge.merge.plan`).
 """
 
 from __future__ import annotations
