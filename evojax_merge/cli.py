@@ -1,13 +1,11 @@
 """The ``evojax-merge`` command line.
 
-    evojax-merge run CONFIG.yaml [--out RUN_DIR] [--set section.key=value ...]
-    evojax-merge run --resume RUN_DIR
+    evojax-merge run CONFIG.yaml [--out RUN_DIR] [--set section.key=value ...] [--distributed]
+    evojax-merge run --resume RUN_DIR           (every problem and strategy; `evolve` is the same command)
     evojax-merge plot RUN_DIR [RUN_DIR ...] --out FIGURE.png
     evojax-merge plot --panel TITLE RUN_DIR|LINE.json ... [--panel ...] --out FIGURE.png [--table TABLE.md]
     evojax-merge slerp-line CONFIG.yaml --out LINE.json     (brute-force SLERP between the two seed models)
     evojax-merge merge RECIPE.yaml --out DIR         (Hugging Face checkpoints, mergekit recipes)
-    evojax-merge evolve CONFIG.yaml [--out RUN_DIR] [--set key=value ...]   (LLM merges: PS, DFS, M2N2)
-    evojax-merge evolve --resume RUN_DIR
 
 Errors caused by the input (bad config, missing data, unusable checkpoint) print one line naming the
 problem and exit with status 2; an interrupted run (Ctrl-C) saves a checkpoint and exits with 130.
@@ -29,13 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evojax-merge", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run an experiment config (or resume a run directory)")
-    _add_run_arguments(run, "experiment YAML, e.g. experiments/digits/m2n2.yaml")
-    run.add_argument(
-        "--distributed", action="store_true",
-        help="join a multi-process JAX job first (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID "
-             "or auto-detection); needs --out (or --resume) so that all processes share one run directory",
-    )
+    for name in ("run", "evolve"):
+        run = commands.add_parser(name, help="run an experiment config (or resume a run directory)"
+                                  + ("; the same as `run`" if name == "evolve" else ""))
+        _add_run_arguments(run, "experiment YAML, e.g. experiments/digits/m2n2.yaml or experiments/llm_merge/ps.yaml")
 
     plot = commands.add_parser("plot", help="plot the test accuracy of one or more runs in one figure")
     plot.add_argument("run_dirs", nargs="*", help="run directories, or folders of one-seed run directories "
@@ -55,9 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     line.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     line.add_argument("--ratios", type=int, default=1001, help="number of SLERP ratios from 0 to 1 (default 1001)")
 
-    evolve = commands.add_parser("evolve", help="evolve a merge of language models (PS, DFS, PS+DFS, M2N2)")
-    _add_run_arguments(evolve, "evolve YAML, e.g. experiments/llm_merge/ps.yaml")
-
     from evojax_merge.merge.cli import add_merge_subparser
 
     add_merge_subparser(commands)
@@ -71,20 +63,23 @@ def _add_run_arguments(command: argparse.ArgumentParser, config_help: str):
     command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     command.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command.add_argument(
+        "--distributed", action="store_true",
+        help="join a multi-process JAX job first (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID "
+             "or auto-detection); needs --out (or --resume) so that all processes share one run directory",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "run":
+        if args.command in ("run", "evolve"):
             return _run(args, parser)
         if args.command == "plot":
             return _plot(args, parser)
         if args.command == "slerp-line":
             return _slerp_line(args)
-        if args.command == "evolve":
-            return _evolve(args, parser)
         if args.command == "merge":
             from evojax_merge.merge.cli import run_merge
 
@@ -97,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, parser) -> int:
     from evojax_merge.config import load_config
-    from evojax_merge.run.experiment import new_run_dir, resume_experiment, run_experiment
+    from evojax_merge.run.runner import build, new_run_dir, resume, run
     from evojax_merge.run.sharding import is_writer
 
     if args.distributed:
@@ -109,63 +104,41 @@ def _run(args, parser) -> int:
     if args.resume:
         if args.config or args.set or args.out:
             parser.error("--resume takes only the run directory: its config.yaml defines the run")
-        summary = resume_experiment(args.resume, progress=not args.no_progress)
         run_dir = pathlib.Path(args.resume)
+        summary = resume(run_dir, progress=not args.no_progress)
     else:
         if not args.config:
-            parser.error("run needs a CONFIG.yaml (or --resume RUN_DIR)")
-        config = load_config(args.config, args.set)
-        run_dir = new_run_dir(config, args.out)
+            parser.error(f"{args.command} needs a CONFIG.yaml (or --resume RUN_DIR)")
+        experiment = build(load_config(args.config, args.set))
+        run_dir = new_run_dir(experiment.config, args.out)
         if is_writer():
             print(f"run directory: {run_dir}", file=sys.stderr)
         try:
-            summary = run_experiment(config, run_dir, progress=not args.no_progress)
-        except EvojaxMergeError:
-            # Failed before computing anything (e.g. the dataset is missing): leave no empty run behind.
+            summary = run(experiment, run_dir, progress=not args.no_progress)
+        except BaseException:
+            # Failed before a result was logged: leave no empty run behind.
             if is_writer() and not (run_dir / "metrics.csv").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-    mean, se = summary["final_test_accuracy_mean"], summary["final_test_accuracy_standard_error"]
+    mean, se = summary["final_test_score_mean"], summary["final_test_score_standard_error"]
+    groups = summary.get("final_test_score_per_group_mean", {})
+    detail = f" ({', '.join(f'{k} {v:.3f}' for k, v in groups.items())})" if groups else ""
     print(
-        f"{summary['name']}: test accuracy {100 * mean:.2f}% +- {100 * se:.2f} (1 SE, {len(summary['seeds'])} seeds) "
-        f"after {summary['forward_passes_per_seed']} forward passes; results in {run_dir}"
+        f"{summary['name']}: test score {100 * mean:.2f}% +- {100 * se:.2f} (1 SE, {len(summary['seeds'])} seeds)"
+        f"{detail} after {summary['evaluations_per_seed']} evaluations; results in {run_dir}"
     )
     if summary["status"] == "interrupted":
-        print(f"interrupted: resume with `evojax-merge run --resume {run_dir}`", file=sys.stderr)
+        print(f"interrupted: resume with `{_resume_command(run_dir)}`", file=sys.stderr)
         return 130
     return 0
 
 
-def _evolve(args, parser) -> int:
-    from evojax_merge.evolve_config import load_evolve_config
-    from evojax_merge.run.experiment import new_run_dir
-    from evojax_merge.run.llm_evolve import resume_evolve, run_evolve
+def _resume_command(run_dir: pathlib.Path) -> str:
+    """The command that continues ``run_dir``: the main job's script gives back its own host devices."""
+    import os
 
-    if args.resume:
-        if args.config or args.set or args.out:
-            parser.error("--resume takes only the run directory: its config.yaml defines the run")
-        run_dir = pathlib.Path(args.resume)
-        summary = resume_evolve(run_dir, progress=not args.no_progress)
-    else:
-        if not args.config:
-            parser.error("evolve needs a CONFIG.yaml (or --resume RUN_DIR)")
-        config = load_evolve_config(args.config, args.set)
-        run_dir = new_run_dir(config, args.out)
-        print(f"run directory: {run_dir}", file=sys.stderr)
-        try:
-            summary = run_evolve(config, run_dir, progress=not args.no_progress)
-        except EvojaxMergeError:
-            # Failed before computing anything (e.g. a seed folder is missing): leave no empty run behind.
-            if not (run_dir / "metrics.csv").exists() and not (run_dir / "ps" / "metrics.csv").exists():
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-    test = summary.get("best_test", {})
-    scores = ", ".join(f"{k} {v:.3f}" for k, v in test.items())
-    print(f"{summary['name']} ({summary['search']}): best model's test scores: {scores}; results in {run_dir}")
-    if summary["status"] == "interrupted":
-        print(f"interrupted: resume with `evojax-merge evolve --resume {run_dir}`", file=sys.stderr)
-        return 130
-    return 0
+    script = os.environ.get("EVOJAX_MERGE_RESUME_WITH")
+    return f"{script} --resume {run_dir}" if script else f"evojax-merge run --resume {run_dir}"
 
 
 def _plot(args, parser) -> int:
@@ -196,7 +169,7 @@ def _read_panel(title: str, items: list[str], skip_missing: bool) -> dict:
     """Curves of the run directories and reference lines of the JSON files among ``items``."""
     import json
 
-    from evojax_merge.run.experiment import read_curve
+    from evojax_merge.run.runner import read_curve
 
     curves, lines = [], []
     for item in items:

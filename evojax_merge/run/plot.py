@@ -18,17 +18,19 @@ def mean_and_standard_error(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return values.mean(axis=1), se
 
 
-def plot_curves(curves: list[dict], path: str | pathlib.Path, title: str = "", ylabel: str = "Test accuracy (%)"):
+def plot_curves(curves: list[dict], path: str | pathlib.Path, title: str = "", ylabel: str = "Test accuracy (%)",
+                xlabel: str = "Evaluations"):
     """Write a PNG with one line and band per curve.
 
     Args:
-      curves: dicts with ``label``, ``forward_passes`` (T,) and ``values`` (T, num_seeds) in [0, 1].
+      curves: dicts with ``label``, ``evaluations`` (T,) and ``values`` (T, num_seeds) in [0, 1].
       path: output PNG, written atomically.
     """
-    plot_panels([{"title": title, "curves": curves}], path, ylabel=ylabel)
+    plot_panels([{"title": title, "curves": curves}], path, ylabel=ylabel, xlabel=xlabel)
 
 
-def plot_panels(panels: list[dict], path: str | pathlib.Path, ylabel: str = "Test accuracy (%)"):
+def plot_panels(panels: list[dict], path: str | pathlib.Path, ylabel: str = "Test accuracy (%)",
+                xlabel: str = "Evaluations"):
     """Write a PNG with the panels side by side (the layout of the M2N2 paper's Fig. 2).
 
     Args:
@@ -45,14 +47,14 @@ def plot_panels(panels: list[dict], path: str | pathlib.Path, ylabel: str = "Tes
     for ax, panel in zip(axes[0], panels):
         for curve in panel["curves"]:
             mean, se = mean_and_standard_error(curve["values"])
-            x = np.asarray(curve["forward_passes"])
+            x = np.asarray(curve["evaluations"])
             n = np.asarray(curve["values"]).shape[1]
             (line,) = ax.plot(x, 100 * mean, label=f"{curve['label']} ({100 * mean[-1]:.1f}%, n={n})", lw=1.6)
             ax.fill_between(x, 100 * (mean - se), 100 * (mean + se), color=line.get_color(), alpha=0.25, lw=0)
         for reference in panel.get("lines", []):
             ax.axhline(100 * reference["value"], ls="--", lw=1.2, color="0.3",
                        label=f"{reference['label']} ({100 * reference['value']:.1f}%)")
-        ax.set_xlabel("Forward passes")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(panel["title"])
         ax.grid(alpha=0.3)
@@ -60,14 +62,14 @@ def plot_panels(panels: list[dict], path: str | pathlib.Path, ylabel: str = "Tes
     _save(fig, path)
 
 
-def plot_step_size(forward_passes: np.ndarray, step_sizes: np.ndarray, seeds, path: str | pathlib.Path, title: str = ""):
+def plot_step_size(evaluations: np.ndarray, step_sizes: np.ndarray, seeds, path: str | pathlib.Path, title: str = ""):
     """Write a PNG of a search distribution's step size against forward passes, one line per seed, log scale.
 
     The step size is what CMA-ES's step-size adaptation moves: a line that falls and then stays flat while
     accuracy does not improve is a stalled search (pycma's TPA on digits, ``experiments/digits/README.md``).
 
     Args:
-      forward_passes: (T,); step_sizes: (T, num_seeds), positive (NaN where not logged: not drawn);
+      evaluations: (T,); step_sizes: (T, num_seeds), positive (NaN where not logged: not drawn);
       seeds: the seed of each column (legend); path: output PNG, written atomically.
     """
     import matplotlib
@@ -77,9 +79,9 @@ def plot_step_size(forward_passes: np.ndarray, step_sizes: np.ndarray, seeds, pa
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for column, seed in enumerate(seeds):
-        ax.plot(forward_passes, np.asarray(step_sizes)[:, column], lw=1.2, label=f"seed {seed}")
+        ax.plot(evaluations, np.asarray(step_sizes)[:, column], lw=1.2, label=f"seed {seed}")
     ax.set_yscale("log")
-    ax.set_xlabel("Forward passes")
+    ax.set_xlabel("Evaluations")
     ax.set_ylabel("Step size (sigma)")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
@@ -105,14 +107,14 @@ def results_table(curves: list[dict], lines: list[dict] = (), budget_fractions=(
     a cell is the logged point nearest to that (within 2%): an unfinished run shows "-" beyond its end.
     Reference lines get one row with their value.
     """
-    budget = max((int(c.get("budget", c["forward_passes"][-1])) for c in curves), default=0)
+    budget = max((int(c.get("budget", c["evaluations"][-1])) for c in curves), default=0)
     unit = 10 ** max(0, len(str(budget)) - 2)
     columns = sorted({int(round(f * budget / unit)) * unit for f in budget_fractions})
     head = "| method | seeds | passes | " + " | ".join(f"at {b / 1000:g}k" for b in columns) + " |"
     lines_out = [head, "|---|---|---|" + "---|" * len(columns)]
     for curve in curves:
         mean, se = mean_and_standard_error(curve["values"])
-        passes = np.asarray(curve["forward_passes"])
+        passes = np.asarray(curve["evaluations"])
         cells = []
         for b in columns:
             i = int(np.argmin(np.abs(passes - b)))

@@ -3,6 +3,10 @@
 The archive is a fixed number of slots, each a flat parameter vector (a ravelled pytree, as in evosax)
 that is filled or empty. Children are bred one per PRNG key (``_breed``) and inserted one after another
 (``_insert``); the subclass defines those two and where a slot's mean training score lives.
+
+A warm-up (``warmup`` children, M2N2's language-model setting) breeds the first children as random merges
+of two distinct seed models instead: a split-point SLERP of the pair with a uniform split point and mixing
+ratio, parents drawn uniformly rather than by fitness. The seeds are kept in the state for it (``seeds``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 
+from evojax_merge.merge.crossover import split_point_crossover
+
 
 class ArchiveStrategy:
     """Base of evosax-style strategies whose state has ``archive`` rows, ``filled`` and ``num_rejected_nonfinite``.
@@ -18,13 +24,22 @@ class ArchiveStrategy:
     Args:
       solution: a parameter pytree of the evolved model (shapes and dtypes only are used).
       num_children: children bred per ``ask`` and inserted one after another in ``tell``.
+      warmup: children bred as random merges of two seeds before the strategy proper (rounded up to whole
+        steps of ``num_children``); 0: none.
+      num_seeds: seed models to start from when the problem makes them (a problem with given seed
+        models, e.g. fine-tuned language models, hands all of them over).
     """
 
-    def __init__(self, solution, num_children: int):
+    def __init__(self, solution, num_children: int, warmup: int = 0, num_seeds: int = 2):
         if num_children < 1:
             raise ValueError(f"num_children must be at least 1, got {num_children}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
         self.solution = solution
         self.num_children = num_children
+        self.warmup = warmup
+        self.num_seeds = num_seeds  # seed models the archive starts from, when a problem makes them from a key
+        self.warmup_steps = -(-warmup // num_children)
         template = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), solution)
         flat, self._unravel = jax.flatten_util.ravel_pytree(template)
         self.num_dims = flat.size
@@ -56,10 +71,24 @@ class ArchiveStrategy:
         """Run-level counts every strategy reports: occupied archive slots, children rejected for NaN/inf scores."""
         return {"archive_filled": jnp.sum(state.filled), "rejected_nonfinite": state.num_rejected_nonfinite}
 
+    def warmup_seeds(self, flat_population: jax.Array):
+        """What the state keeps for the warm-up: the flat seeds, or None without a warm-up."""
+        return flat_population if self.warmup else None
+
     def ask(self, key: jax.Array, state, params):
         """Breed ``num_children`` children; returns (children pytree with a leading child axis, state)."""
         keys = jax.random.split(key, self.num_children)
-        children = jax.vmap(self._breed, in_axes=(0, None, None))(keys, state, params)
+
+        def breed():
+            return jax.vmap(self._breed, in_axes=(0, None, None))(keys, state, params)
+
+        if self.warmup:
+            def warm():
+                return jax.vmap(random_seed_merge, in_axes=(0, None))(keys, state.seeds)
+
+            children = jax.lax.cond(state.generation_counter < self.warmup_steps, warm, breed)
+        else:
+            children = breed()
         return jax.vmap(self._unravel)(children), state
 
     def tell(self, key: jax.Array, children, scores: jax.Array, state, params):
@@ -94,3 +123,17 @@ class ArchiveStrategy:
     def _insert(self, child: jax.Array, child_scores: jax.Array, state, params):
         """(state, accepted) after offering one evaluated child to the archive."""
         raise NotImplementedError
+
+
+def random_seed_merge(key: jax.Array, seeds_flat: jax.Array) -> jax.Array:
+    """A random merge of two distinct seeds: split-point SLERP with a uniform split and mixing ratio.
+
+    M2N2's language-model experiment starts from the seeds and a warm-up of random merges of them; the
+    crossover is the search's own, with parents drawn uniformly instead of by fitness and attraction.
+    """
+    n, dims = seeds_flat.shape
+    key_pair, key_split, key_ratio = jax.random.split(key, 3)
+    pair = jax.random.choice(key_pair, n, (2,), replace=False)
+    split = jax.random.randint(key_split, (), 0, dims + 1)
+    ratio = jax.random.uniform(key_ratio)
+    return split_point_crossover(split, ratio, seeds_flat[pair[0]], seeds_flat[pair[1]])

@@ -16,23 +16,27 @@ What the adapter does:
   below every possible finite score) and counted in ``rejected_nonfinite``; no NaN/inf reaches the
   evosax state. If a whole generation is non-finite the strategy state is left unchanged.
 - Start: distribution-based strategies (CMA-ES family, NES, OpenES ...) start their search distribution
-  at the one evaluated seed model (``num_seed_models: 1``) with step size ``sigma_init``; the paper's
-  CMA-ES (pycma) starts at a random N(0, 0.01^2) model with sigma0 = 0.01 and population 20. pycma does
-  not evaluate x0; here the seed costs one forward pass of the budget (a 50,000-pass run has 2,499
-  generations of 20 instead of 2,500). Population-based strategies (GA, DE, PSO ...) start from a whole
-  evaluated population: ``num_seed_models`` must equal ``population_size``.
-- Cost: every population member is one forward pass, so the runner's evaluations per generation are
-  ``population_size`` (``StrategyConfig.evaluations_per_step``).
+  at one seed candidate with step size ``sigma_init``: an evaluated seed model (the paper's CMA-ES on
+  digits starts at a random N(0, 0.01^2) model with sigma0 = 0.01 and population 20; pycma does not
+  evaluate x0, here the seed costs one evaluation of the budget), or a mean genome that is not a
+  candidate and is not evaluated (``init`` with ``scores=None``: the recipe searches of Evolutionary Model
+  Merge start every gene at 0.5). Population-based strategies (GA, DE, PSO ...) start from a whole
+  evaluated population of ``population_size`` seed candidates.
+- Population: ``population_size: null`` is Hansen's default 4 + floor(3 ln n) for a genome of n
+  numbers (the paper's PS and DFS searches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from evojax_merge.config import options as read_options
 from evojax_merge.errors import ConfigError
 
 CMA_ES_NAME, SEP_CMA_ES_NAME, EVOSAX_PREFIX = "cma_es", "sep_cma_es", "evosax:"
@@ -57,13 +61,26 @@ class EvosaxStrategy:
         self.strategy = strategy
         self.population_size = strategy.population_size
         self.population_based = isinstance(strategy, PopulationBasedAlgorithm)
+        # Seed candidates ``init`` starts from: a whole population, or the centre of the distribution.
+        self.num_seeds = self.population_size if self.population_based else 1
 
     @property
     def default_params(self):
         return self.strategy.default_params
 
-    def init(self, key: jax.Array, population, scores: jax.Array, params) -> State:
-        """Start from the evaluated seed models (leading axis n; n = 1 for distribution-based strategies)."""
+    def init(self, key: jax.Array, population, scores: jax.Array | None, params) -> State:
+        """Start from the seed candidates (leading axis n; n = 1 for distribution-based strategies).
+
+        ``scores``: their per-point scores (n, num_points), or None for a distribution-based strategy
+        started at a mean that is not evaluated (it is then the best solution until a candidate is scored).
+        """
+        if scores is None:
+            if self.population_based:
+                raise ConfigError(f"{type(self.strategy).__name__} starts from an evaluated population, "
+                                  "not from an unevaluated mean")
+            inner = self.strategy.init(key, jax.tree.map(lambda x: x[0], population), params)
+            inner = inner.replace(best_solution=inner.mean)
+            return State(inner=_strong_types(inner), num_rejected_nonfinite=jnp.int32(0))
         fitness, rejected = scores_to_fitness(scores)
         if self.population_based:
             inner = self.strategy.init(key, population, fitness, params)
@@ -90,8 +107,10 @@ class EvosaxStrategy:
         any_finite = ~jnp.all(rejected)
         inner = jax.tree.map(lambda new, old: jnp.where(any_finite, new, old), _strong_types(inner), state.inner)
         state = State(inner=inner, num_rejected_nonfinite=state.num_rejected_nonfinite + jnp.sum(rejected))
+        finite = jnp.where(rejected, 0.0, -fitness)
         metrics = {
-            "best_train_score_in_generation": jnp.max(jnp.where(rejected, -jnp.inf, -fitness)),
+            "generation_best_score": jnp.max(jnp.where(rejected, -jnp.inf, -fitness)),
+            "generation_mean_score": jnp.sum(finite) / jnp.maximum(jnp.sum(~rejected), 1),
             "best_train_score": -inner.best_fitness,
             "rejected_nonfinite": jnp.sum(rejected),
         }
@@ -156,6 +175,22 @@ def _strong_types(tree):
 
 
 # ---------------------------------------------------------------------------------------- building
+@dataclasses.dataclass
+class EvosaxOptions:
+    """Config options of an evosax strategy (``strategy:`` section besides ``name``)."""
+
+    # Candidates per generation, each one evaluation; null: 4 + floor(3 ln n) for n numbers (Hansen).
+    population_size: int | None = None
+    sigma_init: float | None = None  # initial step size (the paper's sigma0); null: the strategy's default
+    evosax_params: dict[str, float] = dataclasses.field(default_factory=dict)  # overrides of its Params fields
+    evosax_options: dict[str, int | float | bool | str] = dataclasses.field(default_factory=dict)  # constructor kwargs
+
+
+def paper_population_size(num_dims: int) -> int:
+    """CMA-ES's default population 4 + floor(3 ln n) (Hansen), used by Evolutionary Model Merge."""
+    return 4 + int(math.floor(3 * math.log(max(num_dims, 1))))
+
+
 def evosax_classes() -> dict[str, type]:
     """Every strategy evosax exports, by its key in ``evosax.algorithms.algorithms`` and by class name."""
     from evosax.algorithms import algorithms
@@ -163,6 +198,10 @@ def evosax_classes() -> dict[str, type]:
     out = dict(algorithms)
     out.update({cls.__name__: cls for cls in algorithms.values()})
     return out
+
+
+def is_evosax_name(name: str) -> bool:
+    return name in (CMA_ES_NAME, SEP_CMA_ES_NAME) or name.startswith(EVOSAX_PREFIX)
 
 
 def strategy_class(name: str):
@@ -191,43 +230,27 @@ def _constructor_options(cls) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in signature.parameters.items() if k not in ("self", "population_size", "solution")}
 
 
-def validate_evosax_config(s) -> None:
-    """Check an evosax ``StrategyConfig`` without building the strategy; ConfigError names the bad key."""
-    from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
-
-    cls = strategy_class(s.name)
+def build_evosax(name: str, spec: dict, template):
+    """(EvosaxStrategy, evosax params, resolved options) for config ``strategy`` section ``spec`` named
+    ``name`` over the candidate pytree ``template``; ConfigError naming the bad key."""
+    s = read_options(EvosaxOptions, spec, "strategy")
+    cls = strategy_class(name)
+    solution = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
+    if s.population_size is None:
+        s.population_size = paper_population_size(sum(x.size for x in jax.tree.leaves(solution)))
     if s.population_size < 2:
         raise ConfigError(f"config key 'strategy.population_size' must be >= 2, got {s.population_size}")
     if s.sigma_init is not None and not s.sigma_init > 0:
         raise ConfigError(f"config key 'strategy.sigma_init' must be > 0 (or null), got {s.sigma_init}")
-    options = _constructor_options(cls)
-    unknown = sorted(set(s.evosax_options) - set(options))
+    constructor = _constructor_options(cls)
+    unknown = sorted(set(s.evosax_options) - set(constructor))
     if unknown:
         raise ConfigError(
             f"config key 'strategy.evosax_options': {cls.__name__} takes no argument {unknown[0]!r}; "
-            f"it takes: {', '.join(options) or 'none'}"
+            f"it takes: {', '.join(constructor) or 'none'}"
         )
-    if issubclass(cls, PopulationBasedAlgorithm):
-        if s.num_seed_models != s.population_size:
-            raise ConfigError(
-                f"config key 'strategy.num_seed_models' must equal population_size ({s.population_size}) for "
-                f"{cls.__name__}: a population-based strategy starts from a whole evaluated population"
-            )
-    elif s.num_seed_models != 1:
-        raise ConfigError(
-            f"config key 'strategy.num_seed_models' must be 1 for {cls.__name__}: the search distribution starts "
-            f"at one seed model"
-        )
-
-
-def build_evosax(s, template):
-    """(EvosaxStrategy, evosax params) for an evosax ``StrategyConfig`` over parameter pytree ``template``."""
-    validate_evosax_config(s)
-    cls = strategy_class(s.name)
     kwargs = dict(s.evosax_options)
-    solution = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
-    params_probe = None
-    if s.sigma_init is not None and "std_schedule" in _constructor_options(cls):
+    if s.sigma_init is not None and "std_schedule" in constructor:
         import optax
 
         kwargs["std_schedule"] = optax.constant_schedule(s.sigma_init)
@@ -251,4 +274,4 @@ def build_evosax(s, template):
             raise ConfigError(
                 f"config key 'strategy.sigma_init': {cls.__name__} has no initial step size; set it to null"
             )
-    return EvosaxStrategy(inner), params_probe.replace(**overrides)
+    return EvosaxStrategy(inner), params_probe.replace(**overrides), dataclasses.asdict(s)

@@ -39,6 +39,7 @@ class State:
     filled: jax.Array  # (P,) bool; empty slots are never parents and are replaced first
     num_rejected_nonfinite: jax.Array  # children discarded because a score was NaN or infinite
     generation_counter: jax.Array
+    seeds: jax.Array | None = None  # (n, num_dims) the seed models, kept for a warm-up (else None)
 
 
 @struct.dataclass
@@ -58,6 +59,8 @@ class M2N2(ArchiveStrategy):
       split_point: draw a split point (False: one global SLERP with the mixing ratio).
       matchmaker: draw parent B by attraction to A (False: by fitness, like A).
       mutation: add N(0, mutation_std^2) noise (on for from-scratch runs, off for pre-trained seeds).
+      num_seeds: seed models the archive starts from when the problem makes them from a key.
+      warmup: first children bred as random merges of two seeds (the paper's LLM setting: 50).
     """
 
     def __init__(
@@ -69,10 +72,12 @@ class M2N2(ArchiveStrategy):
         split_point: bool = True,
         matchmaker: bool = True,
         mutation: bool = True,
+        warmup: int = 0,
+        num_seeds: int = 2,
     ):
         if archive_size < 2:
             raise ValueError(f"archive_size must be at least 2, got {archive_size}")
-        super().__init__(solution, num_children)
+        super().__init__(solution, num_children, warmup, num_seeds)
         self.archive_size = archive_size
         self.crossover = crossover
         self.split_point = split_point
@@ -103,6 +108,7 @@ class M2N2(ArchiveStrategy):
             filled=jnp.concatenate([finite, jnp.zeros(pad, bool)]),
             num_rejected_nonfinite=jnp.sum(~finite),
             generation_counter=jnp.int32(0),
+            seeds=self.warmup_seeds(flat),
         )
 
     def _breed(self, key: jax.Array, state: State, params: Params):

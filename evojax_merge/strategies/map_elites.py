@@ -40,6 +40,7 @@ class State:
     filled: jax.Array  # (num_cells,) bool; empty cells are never parents
     num_rejected_nonfinite: jax.Array  # children discarded because a score was NaN or infinite
     generation_counter: jax.Array
+    seeds: jax.Array | None = None  # (n, num_dims) the seed models, kept for a warm-up (else None)
 
 
 @struct.dataclass
@@ -60,6 +61,8 @@ class MAPElites(ArchiveStrategy):
       crossover: breed by crossover (False: the child is a copy of parent A, then mutated).
       split_point: draw a split point (False: one global SLERP with the mixing ratio).
       mutation: add N(0, mutation_std^2) noise (on from scratch, off for pre-trained seeds).
+      num_seeds: seed models the archive starts from when the problem makes them from a key.
+      warmup: first children bred as random merges of two seeds (see ``ArchiveStrategy``).
     """
 
     def __init__(
@@ -72,10 +75,12 @@ class MAPElites(ArchiveStrategy):
         crossover: bool = True,
         split_point: bool = True,
         mutation: bool = True,
+        warmup: int = 0,
+        num_seeds: int = 2,
     ):
         if num_axes < 1 or bins < 1:
             raise ValueError(f"num_axes and bins must be at least 1, got {num_axes} and {bins}")
-        super().__init__(solution, num_children)
+        super().__init__(solution, num_children, warmup, num_seeds)
         self.descriptor_fn = descriptor_fn
         self.num_axes = num_axes
         self.bins = bins
@@ -102,14 +107,16 @@ class MAPElites(ArchiveStrategy):
     def init(self, key: jax.Array, population, scores: jax.Array, params: Params) -> State:
         """Empty grid into which the evaluated seed models ``population`` are inserted one after another."""
         del key
+        flat = jax.vmap(self.ravel)(population)
         state = State(
             archive=jnp.zeros((self.num_cells, self.num_dims), self.dtype),
             quality=jnp.zeros(self.num_cells, jnp.float32),
             filled=jnp.zeros(self.num_cells, bool),
             num_rejected_nonfinite=jnp.int32(0),
             generation_counter=jnp.int32(0),
+            seeds=self.warmup_seeds(flat),
         )
-        return self._insert_each(jax.vmap(self.ravel)(population), scores, state, params)[0]
+        return self._insert_each(flat, scores, state, params)[0]
 
     def _breed(self, key: jax.Array, state: State, params: Params):
         key_choices, key_mutation = jax.random.split(key)

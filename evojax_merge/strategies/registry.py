@@ -1,76 +1,153 @@
-"""Strategies by config name: ``build_strategy(config.strategy, template, train_labels) -> (strategy, params)``.
+"""Strategies by config name: ``build_strategy(spec, problem) -> (strategy, params, resolved options)``.
 
-Every strategy follows the evosax shape (``init`` / ``ask`` / ``tell`` as pure functions of a state
-pytree) with two differences the runner relies on: ``tell`` receives per-data-point scores of shape
-(num_children, num_points), higher is better, and the strategy answers ``best(state)`` and
-``counters(state)`` (see :meth:`evojax_merge.run.evolve.Evolution.report`).
+``strategy.name`` in a config is one of
 
-A builder is ``(strategy config, parameter template, training labels or None) -> (strategy, params)``;
-the labels are for strategies that look at the data, e.g. MAP-Elites' per-class descriptor.
+- ``m2n2`` (:class:`~evojax_merge.strategies.m2n2.M2N2`; the GA baseline is ``alpha: 0, matchmaker: false``),
+- ``map_elites`` (:class:`~evojax_merge.strategies.map_elites.MAPElites`),
+- ``cma_es`` (full CMA-ES with a lazy eigendecomposition), ``sep_cma_es``, ``evosax:<ClassName>`` (any
+  evosax strategy) through :mod:`evojax_merge.strategies.evosax_adapter`,
+- ``package.module:attribute``: user code. A class is built as ``Class(solution=template, **options)``
+  (evosax's constructor shape); a function as ``function(problem, **options)`` and returns the strategy
+  or ``(strategy, params)``. Without returned params the strategy's ``default_params`` are used.
+
+The contract every strategy follows (the evosax shape, with per-data-point scores): ``init(key,
+seed_candidates, seed_scores or None, params) -> state``, ``ask(key, state, params) -> (candidates with a
+leading axis, state)``, ``tell(key, candidates, scores (n, points), state, params) -> (state, metrics)``,
+``best(state) -> (candidate, mean training score)``, ``counters(state) -> dict`` (``archive_filled``,
+``rejected_nonfinite``, optionally ``step_size``); ``num_seeds`` (default 1): how many seed candidates it
+starts from when the problem makes them from a key. Higher scores are better.
 """
 
 from __future__ import annotations
 
-from evojax_merge.config import StrategyConfig
+import dataclasses
+import inspect
+
+from evojax_merge.config import check as _check
+from evojax_merge.config import options as read_options
 from evojax_merge.errors import ConfigError
+from evojax_merge.plugins import load_attribute
+from evojax_merge.strategies.evosax_adapter import build_evosax, is_evosax_name
 
 
-def build_m2n2(s: StrategyConfig, template, train_labels=None):
-    del train_labels
+@dataclasses.dataclass
+class ArchiveOptions:
+    """What M2N2 and MAP-Elites share."""
+
+    num_seed_models: int = 2  # seed models the archive starts from (a problem with given seeds gives all)
+    crossover: bool = True
+    split_point: bool = True
+    mutation_std: float = 0.01  # 0 disables mutation (pre-trained or language-model seeds)
+    children_per_step: int = 1  # > 1 is the batched variant for wide accelerators
+    warmup: int = 0  # first children bred as random merges of two seeds (M2N2's LLM setting: 50)
+
+    def validate(self):
+        _check(self.num_seed_models >= 1, "strategy.num_seed_models", "must be >= 1")
+        _check(self.mutation_std >= 0, "strategy.mutation_std", "must be >= 0")
+        _check(self.children_per_step >= 1, "strategy.children_per_step", "must be >= 1")
+        _check(self.warmup >= 0, "strategy.warmup", "must be >= 0")
+
+
+@dataclasses.dataclass
+class M2N2Options(ArchiveOptions):
+    archive_size: int = 20
+    alpha: float = 1.0  # competition strength (0 with matchmaker off is the GA baseline)
+    matchmaker: bool = True  # attraction: choose parent B by complementarity to parent A
+
+    def validate(self):
+        super().validate()
+        _check(self.archive_size >= 2, "strategy.archive_size", "must be >= 2")
+        _check(self.alpha >= 0, "strategy.alpha", "must be >= 0")
+        _check(self.num_seed_models <= self.archive_size, "strategy.num_seed_models",
+               f"must be at most archive_size ({self.archive_size})")
+
+
+@dataclasses.dataclass
+class MAPElitesOptions(ArchiveOptions):
+    # Descriptor axis i is the mean score on the data points of group i, each axis cut into grid_bins
+    # cells. What a group is the problem says (classifiers: class labels, the paper's odd x even digits;
+    # language models: skills by name); null: the problem's default groups.
+    descriptor_groups: list | None = None
+    grid_bins: int = 10
+
+    def validate(self):
+        super().validate()
+        _check(self.grid_bins >= 1, "strategy.grid_bins", "must be >= 1")
+
+
+MAX_GRID_CELLS = 10_000
+
+
+def build_m2n2(problem, spec: dict):
     from evojax_merge.strategies.m2n2 import M2N2, Params
 
+    s = read_options(M2N2Options, spec, "strategy")
+    s.validate()
     strategy = M2N2(
-        archive_size=s.archive_size,
-        solution=template,
-        num_children=s.children_per_step,
-        crossover=s.crossover,
-        split_point=s.split_point,
-        matchmaker=s.matchmaker,
-        mutation=s.mutation_std > 0,
+        archive_size=s.archive_size, solution=problem.template, num_children=s.children_per_step,
+        crossover=s.crossover, split_point=s.split_point, matchmaker=s.matchmaker, mutation=s.mutation_std > 0,
+        warmup=s.warmup, num_seeds=s.num_seed_models,
     )
-    return strategy, Params(alpha=s.alpha, mutation_std=s.mutation_std)
+    return strategy, Params(alpha=s.alpha, mutation_std=s.mutation_std), dataclasses.asdict(s)
 
 
-def build_map_elites(s: StrategyConfig, template, train_labels=None):
+def build_map_elites(problem, spec: dict):
     from evojax_merge.strategies.map_elites import MAPElites, Params, group_mean_descriptor
-    from evojax_merge.tasks.classification import class_membership
 
-    if train_labels is None:
-        raise ValueError("MAP-Elites needs the training labels for its descriptor")
-    membership = class_membership(train_labels, s.descriptor_class_groups, "strategy.descriptor_class_groups")
+    s = read_options(MAPElitesOptions, spec, "strategy")
+    s.validate()
+    describe = getattr(problem, "descriptor_groups", None)
+    if describe is None:
+        raise ConfigError(f"config key 'strategy.name': map_elites needs a problem with descriptor groups; "
+                          f"{type(problem).__name__} has none")
+    membership, s.descriptor_groups = describe(s.descriptor_groups)
+    cells = s.grid_bins ** len(membership)
+    _check(cells <= MAX_GRID_CELLS, "strategy.grid_bins",
+           f"gives {cells:,} cells ({s.grid_bins} ** {len(membership)}), more than {MAX_GRID_CELLS:,} "
+           "(every cell holds a whole model)")
     strategy = MAPElites(
-        solution=template,
-        descriptor_fn=group_mean_descriptor(membership),
-        num_axes=len(s.descriptor_class_groups),
-        bins=s.grid_bins,
-        num_children=s.children_per_step,
-        crossover=s.crossover,
-        split_point=s.split_point,
-        mutation=s.mutation_std > 0,
+        solution=problem.template, descriptor_fn=group_mean_descriptor(membership), num_axes=len(membership),
+        bins=s.grid_bins, num_children=s.children_per_step, crossover=s.crossover, split_point=s.split_point,
+        mutation=s.mutation_std > 0, warmup=s.warmup, num_seeds=s.num_seed_models,
     )
-    return strategy, Params(mutation_std=s.mutation_std)
+    return strategy, Params(mutation_std=s.mutation_std), dataclasses.asdict(s)
 
 
-def build_evosax(s: StrategyConfig, template, train_labels=None):
-    from evojax_merge.strategies.evosax_adapter import build_evosax as build
-
-    return build(s, template)
+BUILDERS = {"m2n2": build_m2n2, "map_elites": build_map_elites}
 
 
-# "evosax:<ClassName>" names (any evosax strategy) are served by build_evosax too, see build_strategy.
-BUILDERS = {"m2n2": build_m2n2, "map_elites": build_map_elites, "cma_es": build_evosax, "sep_cma_es": build_evosax}
+def build_strategy(spec: dict, problem):
+    """(strategy, params, resolved options) of config section ``strategy`` ``spec`` for ``problem``.
 
-
-def build_strategy(s: StrategyConfig, template, train_labels=None):
-    """The strategy object and its dynamic parameters for ``s.name`` over parameter pytree ``template``.
-
-    ``train_labels`` (the training set's integer labels) is needed by strategies whose descriptor depends
-    on the data (MAP-Elites).
+    Raises:
+      ConfigError: an unknown name, an import path that does not load, options the strategy refuses.
     """
-    if s.is_evosax:
-        return build_evosax(s, template)
+    name = spec["name"]
+    if name in BUILDERS:
+        strategy, params, resolved = BUILDERS[name](problem, spec)
+    elif is_evosax_name(name):
+        strategy, params, resolved = build_evosax(name, spec, problem.template)
+    elif ":" in name:
+        strategy, params, resolved = _build_user_strategy(name, spec, problem)
+    else:
+        raise ConfigError(f"config key 'strategy.name' must be one of {sorted(BUILDERS)}, cma_es, sep_cma_es, "
+                          f"'evosax:<ClassName>' or 'package.module:Class', got {name!r}")
+    return strategy, params, {"name": name, **resolved}
+
+
+def _build_user_strategy(name: str, spec: dict, problem):
+    target = load_attribute(name, "strategy.name")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
     try:
-        builder = BUILDERS[s.name]
-    except KeyError:
-        raise ConfigError(f"config key 'strategy.name' must be one of {sorted(BUILDERS)}, got {s.name!r}") from None
-    return builder(s, template, train_labels)
+        built = target(solution=problem.template, **kwargs) if inspect.isclass(target) else target(problem, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"config key 'strategy': {name} does not take these options: {e}") from None
+    strategy, params = built if isinstance(built, tuple) else (built, None)
+    missing = [m for m in ("init", "ask", "tell", "best", "counters") if not callable(getattr(strategy, m, None))]
+    if missing:
+        raise ConfigError(f"config key 'strategy.name': {name} does not fit the strategy contract: "
+                          f"no method {', '.join(missing)}")
+    if params is None:
+        params = getattr(strategy, "default_params", None)
+    return strategy, params, kwargs
+

@@ -54,7 +54,8 @@ class Scorer:
         """``{"fitness": scores, "test": scores}``, one score per problem (the skills concatenated)."""
         import jax
 
-        from evojax_merge.models import hf_io, path_io
+        from evojax_merge.merge import path_io
+        from evojax_merge.models import hf_io
         from evojax_merge.run import llm_evolve
 
         load = path_io.load_path_model if path_io.is_path_model(folder) else hf_io.load_hf_folder
