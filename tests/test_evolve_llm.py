@@ -11,9 +11,10 @@ from evojax_merge.merge import dataflow
 from evojax_merge.merge import operators as ops
 from evojax_merge.merge.config import layer_position, parse_recipe, resolve_params
 from evojax_merge.merge.mergekit_export import to_mergekit
+from evojax_merge.merge import path_io
 from evojax_merge.merge.names import FAMILIES
 from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_genome
-from evojax_merge.models import hf_io, llama, path_io
+from evojax_merge.models import hf_io, llama
 
 from evolve_helpers import TINY, char_tokenizer, ids, perturbed, tiny_params
 

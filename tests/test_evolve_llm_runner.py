@@ -13,7 +13,8 @@ import yaml
 from evojax_merge.cli import main
 from evojax_merge.errors import ConfigError
 from evojax_merge.evolve_config import load_evolve_config
-from evojax_merge.models import hf_io, path_io
+from evojax_merge.merge import path_io
+from evojax_merge.models import hf_io
 from evojax_merge.run import llm_evolve
 from evojax_merge.strategies.evosax_search import EvosaxSearch, paper_population_size
 
