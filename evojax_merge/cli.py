@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, parser) -> int:
     from evojax_merge.config import load_config
+    from evojax_merge.run.pipeline import is_pipeline, resume_pipeline, run_pipeline
     from evojax_merge.run.runner import build, new_run_dir, resume, run
     from evojax_merge.run.sharding import is_writer
 
@@ -105,19 +106,36 @@ def _run(args, parser) -> int:
         if args.config or args.set or args.out:
             parser.error("--resume takes only the run directory: its config.yaml defines the run")
         run_dir = pathlib.Path(args.resume)
-        summary = resume(run_dir, progress=not args.no_progress)
+        if (run_dir / "pipeline.yaml").is_file():
+            summary = resume_pipeline(run_dir, progress=not args.no_progress)
+        else:
+            summary = resume(run_dir, progress=not args.no_progress)
     else:
         if not args.config:
             parser.error(f"{args.command} needs a CONFIG.yaml (or --resume RUN_DIR)")
-        experiment = build(load_config(args.config, args.set))
-        run_dir = new_run_dir(experiment.config, args.out)
+        pipeline = is_pipeline(args.config)
+        if pipeline:
+            if args.set:
+                parser.error("a pipeline takes no --set: set each stage's overrides in the pipeline file")
+            from evojax_merge.run.pipeline import load_pipeline
+
+            name = load_pipeline(args.config).name
+            run_dir = pathlib.Path(args.out) if args.out else _timestamped(name)
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise EvojaxMergeError(f"run directory {run_dir} exists and is not empty; use --resume {run_dir}")
+        else:
+            experiment = build(load_config(args.config, args.set))
+            run_dir = new_run_dir(experiment.config, args.out)
         if is_writer():
             print(f"run directory: {run_dir}", file=sys.stderr)
         try:
-            summary = run(experiment, run_dir, progress=not args.no_progress)
+            if pipeline:
+                summary = run_pipeline(args.config, run_dir, progress=not args.no_progress)
+            else:
+                summary = run(experiment, run_dir, progress=not args.no_progress)
         except BaseException:
             # Failed before a result was logged: leave no empty run behind.
-            if is_writer() and not (run_dir / "metrics.csv").exists():
+            if is_writer() and not any(run_dir.glob("**/metrics.csv")):
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
     mean, se = summary["final_test_score_mean"], summary["final_test_score_standard_error"]
@@ -131,6 +149,12 @@ def _run(args, parser) -> int:
         print(f"interrupted: resume with `{_resume_command(run_dir)}`", file=sys.stderr)
         return 130
     return 0
+
+
+def _timestamped(name: str) -> pathlib.Path:
+    import datetime
+
+    return pathlib.Path("runs") / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _resume_command(run_dir: pathlib.Path) -> str:

@@ -30,6 +30,12 @@ def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+def write_yaml(path, obj):
+    import yaml
+
+    write_atomic(path, yaml.safe_dump(obj, sort_keys=False))
+
+
 def write_csv(path, header: list[str], rows):
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

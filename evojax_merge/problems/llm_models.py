@@ -1,0 +1,65 @@
+"""Whole language models as candidates: M2N2's language-model setting (and its GA and MAP-Elites baselines).
+
+Abrantes, Lange & Tang, "Competition and Attraction Improve Model Fusion" (GECCO 2025),
+https://arxiv.org/abs/2508.16204. A candidate is a whole Llama parameter pytree; the seeds are the
+fine-tuned models themselves (all of them, model A first), each scored once. Archive strategies merge
+them by split-point SLERP over the flattened parameters (no mutation for pre-trained seeds: set
+``strategy.mutation_std: 0``), usually after a warm-up of random merges (``strategy.warmup: 50``).
+
+The best model is exported as a Hugging Face folder (``best/model``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+
+from evojax_merge.config import options
+from evojax_merge.merge.operators import stack_trees
+from evojax_merge.models import hf_io
+from evojax_merge.problems.llm import LanguageModelProblem, SeedsOptions, TaskOptions, build_task_suite, load_seeds
+
+
+@dataclasses.dataclass
+class LLMModelsOptions:
+    seeds: SeedsOptions = dataclasses.field(default_factory=SeedsOptions)
+    task: TaskOptions = dataclasses.field(default_factory=TaskOptions)
+    score_seeds: bool = True  # also score every seed model on the test split (summary "baselines")
+
+    def validate(self):
+        self.seeds.validate()
+        self.task.validate()
+
+
+class LLMModelsProblem(LanguageModelProblem):
+    model_leading_axes = 0  # candidates are whole models; nothing else is cut over the model axis
+
+    def __init__(self, opts: LLMModelsOptions):
+        self.options = opts
+        self.seeds = load_seeds(opts.seeds, need_base=False)
+        self.suite = build_task_suite(opts.task, opts.seeds, self.seeds.config, self.seeds.tokenizer)
+        self.num_given_seeds = len(self.seeds.models)
+        # The seeds travel as data (an argument of the compiled calls), not as constants of the program.
+        self.models = {"seeds": stack_trees(*self.seeds.models)}
+        self.template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.seeds.models[0])
+
+    def seed_candidates(self, key, n, fitness_data):
+        del key
+        return fitness_data["models"]["seeds"]
+
+    def model_of(self, candidate, models):
+        del models
+        return candidate
+
+    def export(self, candidate, out_dir: pathlib.Path, fitness_data) -> dict:
+        hf_io.save_hf_folder(out_dir / "model", self.seeds.config, candidate, self.seeds.tokenizer)
+        return {"model": str(out_dir / "model")}
+
+
+def llm_models(**spec):
+    """The problem of config section ``problem: {name: llm_models, seeds: ..., task: ...}``."""
+    opts = options(LLMModelsOptions, spec, "problem")
+    opts.validate()
+    return LLMModelsProblem(opts), dataclasses.asdict(opts)

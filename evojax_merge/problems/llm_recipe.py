@@ -1,0 +1,116 @@
+"""Parameter-space merging of language models (Evolutionary Model Merge's PS): a genome of merge-recipe genes.
+
+Akiba et al., "Evolutionary optimization of model merging recipes" (Nature Machine Intelligence 2025),
+https://arxiv.org/abs/2403.13187. A candidate is a flat genome of per-layer (-group, -family) genes of a
+merge method (DARE-TIES weight and density by default; SLERP's ``t`` for the CMA-ES-over-SLERP baseline);
+:func:`~evojax_merge.merge.recipe.merge_genome` turns it into a model inside the compiled step. The search
+starts from one mean genome (every gene at ``recipe.init``, 0.5 in the paper) that is not itself scored.
+
+The best genome is exported as a Hugging Face folder (``best/model``), its decoded genes
+(``best/recipe.yaml``), the same recipe in mergekit's format (``best/mergekit.yaml``, which ``evojax-merge
+merge`` reads too) and the genome itself (``best/genome.npy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evojax_merge.config import check, options
+from evojax_merge.files import write_yaml
+from evojax_merge.merge.mergekit_export import to_mergekit
+from evojax_merge.merge.names import FAMILIES
+from evojax_merge.merge.operators import get_method, stack_trees
+from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_genome
+from evojax_merge.models import hf_io
+from evojax_merge.problems.llm import LanguageModelProblem, SeedsOptions, TaskOptions, build_task_suite, load_seeds
+
+
+@dataclasses.dataclass
+class RecipeOptions:
+    merge_method: str = "dare_ties"
+    genes: list[str] = dataclasses.field(default_factory=lambda: ["weight", "density"])
+    init: float = 0.5  # every gene starts here (the paper)
+    layer_group: int = 1  # consecutive layers sharing genes
+    per_family: bool = False  # separate genes for attention / MLP / norms (mergekit-evolve's filters)
+    embeddings_as_layers: bool = True  # input embeddings and output head get genes of their own
+    allow_negative_weights: bool = False  # the paper does not force a simplex, nor negative weights
+    normalize: bool | None = None  # method option; null: the method's default
+    merge_seed: int = 0  # DARE / DELLA masks (the same for every candidate)
+
+
+@dataclasses.dataclass
+class LLMRecipeOptions:
+    seeds: SeedsOptions = dataclasses.field(default_factory=SeedsOptions)
+    task: TaskOptions = dataclasses.field(default_factory=TaskOptions)
+    recipe: RecipeOptions = dataclasses.field(default_factory=RecipeOptions)
+    score_seeds: bool = True  # also score every seed model on the test split (summary "baselines")
+
+    def validate(self):
+        self.seeds.validate()
+        self.task.validate()
+        check(len(self.recipe.genes) >= 1, "problem.recipe.genes", "must list at least one gene")
+        check(self.recipe.layer_group >= 1, "problem.recipe.layer_group", "must be >= 1")
+
+
+class LLMRecipeProblem(LanguageModelProblem):
+    num_given_seeds = 1  # the mean genome
+    evaluate_seeds = False  # a starting point, not a candidate
+    model_leading_axes = 1  # the seed models are stacked on a leading axis
+
+    def __init__(self, opts: LLMRecipeOptions):
+        self.options = opts
+        r = opts.recipe
+        self.seeds = load_seeds(opts.seeds, need_base=get_method(r.merge_method).needs_base)
+        self.suite = build_task_suite(opts.task, opts.seeds, self.seeds.config, self.seeds.tokenizer)
+        self.space = RecipeSpace(
+            n_models=len(self.seeds.models), num_layers=self.seeds.config.num_hidden_layers, method=r.merge_method,
+            genes=tuple(r.genes), layer_group=r.layer_group, families=FAMILIES if r.per_family else WHOLE_LAYER,
+            allow_negative_weights=r.allow_negative_weights,
+            options=() if r.normalize is None else (("normalize", r.normalize),),
+            stacked_layers="layers", embeddings_as_layers=r.embeddings_as_layers,
+        )
+        self.models = {"models": stack_trees(*self.seeds.models), "base": self.seeds.base}
+        self.template = jax.ShapeDtypeStruct((self.space.size,), jnp.float32)
+
+    def seed_candidates(self, key, n, fitness_data):
+        del key, fitness_data
+        initial = self.space.init(**{g: self.options.recipe.init for g in self.space.genes})
+        return jnp.broadcast_to(jnp.asarray(initial, jnp.float32), (n, self.space.size))
+
+    def model_of(self, genome, models):
+        key = jax.random.key(self.options.recipe.merge_seed)
+        return merge_genome(self.space, genome, models["models"], models["base"], key)
+
+    def export(self, genome, out_dir: pathlib.Path, fitness_data) -> dict:
+        genome = np.asarray(genome)
+        np.save(out_dir / "genome.npy", genome)
+        merged = jax.jit(self.model_of)(jnp.asarray(genome), fitness_data["models"])
+        hf_io.save_hf_folder(out_dir / "model", self.seeds.config, merged, self.seeds.tokenizer)
+        space, r = self.space, self.options.recipe
+        genes = {name: np.asarray(v).tolist() for name, v in decode(space, genome).items()}
+        groups = [f"layers {g * space.layer_group}-{min((g + 1) * space.layer_group, space.num_layers) - 1}"
+                  for g in range(space.n_layer_groups)]
+        groups += ["input embeddings", "final norm + head"] if space.embeddings_as_layers else ["embeddings, final norm, head"]
+        write_yaml(out_dir / "recipe.yaml", {
+            "merge_method": space.method, "models": self.seeds.names, "base_model": self.seeds.base_name,
+            "layout": {"axes": ["model", "group", "family"], "families": list(space.families), "groups": groups},
+            "genes": genes, "options": dict(space.options), "merge_seed": r.merge_seed,
+        })
+        base = self.seeds.base_name
+        mergekit = to_mergekit(space, genome, [str(pathlib.Path(n).resolve()) for n in self.seeds.names],
+                               None if base is None else str(pathlib.Path(base).resolve()),
+                               dtype=self.options.seeds.dtype, random_seed=r.merge_seed)
+        write_yaml(out_dir / "mergekit.yaml", mergekit)
+        return {"model": str(out_dir / "model"), "genome_size": space.size}
+
+
+def llm_recipe(**spec):
+    """The problem of config section ``problem: {name: llm_recipe, seeds: ..., task: ..., recipe: ...}``."""
+    opts = options(LLMRecipeOptions, spec, "problem")
+    opts.validate()
+    return LLMRecipeProblem(opts), dataclasses.asdict(opts)
