@@ -4,6 +4,8 @@
 # runs/digits/pretrained/<method>/ and slerp_line.json, then the figure of both panels and the tables
 # (experiments/digits/figure.sh). Re-running skips finished methods and resumes interrupted ones.
 # Argument: output folder of both panels (runs/digits).
+# Devices as scripts/host_devices.sh picks them: the GPU/TPU when JAX sees one, else 10 XLA host devices
+# on the CPU (one per seed; EVOJAX_MERGE_HOST_DEVICES=0 or =N overrides), also for resumed methods.
 source "$(dirname "$0")/../../scripts/env.sh"
 source scripts/host_devices.sh
 source experiments/digits/run_methods.sh
