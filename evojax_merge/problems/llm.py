@@ -214,9 +214,10 @@ class LanguageModelProblem(Problem):
         if not self.options.score_seeds:
             return {}
         names, models, configs = list(self.seeds.names), list(self.seeds.models), list(self.seeds.configs)
-        if self.seeds.base is not None:
+        if self.seeds.base_name is not None:  # a baseline even where the candidates do not read it (M2N2, DFS)
             names.append(self.seeds.base_name)
-            models.append(self.seeds.base)
+            models.append(self.seeds.base if self.seeds.base is not None
+                          else hf_io.load_hf_folder(self.seeds.base_name, DTYPES[self.options.seeds.dtype])[1])
             configs.append(self.seeds.config)
         out, compiled = {}, {}
         for name, model, model_config in zip(names, models, configs):

@@ -2,9 +2,10 @@
 
     python experiments/llm_merge/simple_merges.py experiments/llm_merge/ps.yaml [--out runs/llm_merge/simple]
 
-Reads the seeds and the task from an evolve config (its ``seeds`` and ``task`` sections), merges the
-specialists with fixed recipes (the average; task arithmetic at several scales; TIES and DARE-TIES at
-density 0.5) and scores every seed and merge on the fitness problems and the test split. Writes
+Reads the seeds and the task from a language-model run config (its ``problem.seeds`` and ``problem.task``
+sections: llm_recipe, llm_path or llm_models), merges the specialists with fixed recipes (the average;
+task arithmetic at several scales; TIES and DARE-TIES at density 0.5) and scores every seed and merge on
+the fitness problems and the test split. Writes
 ``simple_merges.json`` and ``simple_merges.md`` to ``--out`` and prints the table. A quick check of a seed
 set too: when no fixed merge comes near the seeds, the specialists' task vectors interfere and an
 evolutionary search has little to find.
@@ -30,33 +31,39 @@ RECIPES = [
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="an evolve config naming the seeds (seeds.manifest, models, base)")
+    ap.add_argument("config", help="a language-model run config naming the seeds "
+                    "(problem.seeds: manifest, models, base)")
     ap.add_argument("--out", default=None, help="directory for simple_merges.json/.md (default: print only)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. task.n_fitness=200")
+                    help="config override, e.g. problem.task.n_fitness=200")
     a = ap.parse_args(argv)
 
     import jax
     import numpy as np
 
+    from evojax_merge.config import from_dict, load_config
     from evojax_merge.errors import EvojaxMergeError
-    from evojax_merge.evolve_config import load_evolve_config
-    from evojax_merge.merge.operators import merge_trees, stack_trees
-    from evojax_merge.run import llm_evolve
     from evojax_merge.files import write_atomic, write_json
+    from evojax_merge.merge.operators import merge_trees, stack_trees
+    from evojax_merge.problems.llm import SeedsOptions, TaskOptions, build_task_suite, load_seeds
 
     try:
-        config = load_evolve_config(a.config, a.set)
-        config.task.fitness_kind = None  # both splits by each skill's own scorer: exact match
-        seeds = llm_evolve.load_seeds(config, need_base=True)
-        suite = llm_evolve.suite_for(config, seeds.config, seeds.tokenizer)
+        config = load_config(a.config, a.set)
+        problem = config.problem
+        seeds_options = from_dict(SeedsOptions, problem.get("seeds", {}), "problem.seeds.")
+        task = from_dict(TaskOptions, problem.get("task", {}), "problem.task.")
+        seeds_options.validate()
+        task.validate()
+        task.fitness_kind = None  # both splits by each skill's own scorer: exact match
+        seeds = load_seeds(seeds_options, need_base=True)
+        suite = build_task_suite(task, seeds_options, seeds.config, seeds.tokenizer)
     except EvojaxMergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     scores = jax.jit(suite.scores, static_argnames="test")
     stacked = stack_trees(*seeds.models)
-    models = {name: model for name, model in zip(config.seeds.models, seeds.models)}
-    models[config.seeds.base] = seeds.base
+    models = {name: model for name, model in zip(seeds_options.models, seeds.models)}
+    models[seeds_options.base] = seeds.base
     for label, method, params in RECIPES:
         models[label] = merge_trees(method, stacked, seeds.base, key=jax.random.key(0), **params)
 
@@ -80,8 +87,8 @@ def main(argv=None) -> int:
         out = pathlib.Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "simple_merges.json", {"config": str(a.config), "overrides": a.set,
-                                                      "test_split": config.task.test_split,
-                                                      "seeds": [*config.seeds.models, config.seeds.base], "scores": rows})
+                                                "test_split": task.test_split,
+                                                "seeds": [*seeds_options.models, seeds_options.base], "scores": rows})
         write_atomic(out / "simple_merges.md", table + "\n")
     return 0
 

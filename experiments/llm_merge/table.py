@@ -2,20 +2,22 @@
 
     python experiments/llm_merge/table.py runs/llm_merge            # after the runs of the README
 
-Reads each run's summary.json (``best_test``, ``best_train``: the best model's scores on the test split
-and on the fitness problems the search used; ``seeds_test``) and scores the seeds on the same fitness
-problems (about a minute with the rescoring below), so that the two columns of every row are
-comparable: the gap between a method's fitness and test scores is what its selection on the fitness
-problems added. The last column compares each model with the best seed on the same test problems:
-the mean difference per problem and its standard error (the models are scored again from their saved
-folders, ``best_model``, to get per-problem scores; fixed merges carry theirs in ``simple_merges.json``). Adds the fixed
-merges of ``RUNS/simple/simple_merges.json`` (``simple_merges.py --out RUNS/simple``) when present, and
-M2N2's best model at its logged point nearest ``--m2n2-at`` evaluations (to compare it with the
-baselines run on a smaller budget).
+Reads each run directory's summary.json (``final_test_score_per_group_mean`` and ``final_test_score_mean``:
+the best model's scores on the test split, per skill and over all problems; ``final_train_score_mean``: its
+score on the fitness problems the search used; ``baselines.seeds_test``: the seeds' test scores, with
+``problem.score_seeds``) and scores the seeds on the same fitness problems (about a minute with the
+rescoring below), so that the two columns of every row are comparable: the gap between a method's fitness
+and test scores is what its selection on the fitness problems added. The last column compares each model
+with the best seed on the same test problems: the mean difference per problem and its standard error (the
+models are scored again from their saved folders, ``best/model``, to get per-problem scores; fixed merges
+carry theirs in ``simple_merges.json``). A pipeline's run directory (PS + DFS: ``pipeline.yaml`` and one
+folder per stage) is read at its last stage. Adds the fixed merges of ``RUNS/simple/simple_merges.json``
+(``simple_merges.py --out RUNS/simple``) when present, and M2N2's best model at its logged point nearest
+``--m2n2-at`` evaluations (to compare it with the baselines run on a smaller budget).
 
 ``--test-split NAME`` reports every model on another held-out split of the seeds (e.g. one added with
 ``make_seeds.py --add-split test_large:1000``): the saved models are scored on it, the fixed merges
-come from a ``simple_merges.py --set task.test_split=NAME`` run (``--simple``).
+come from a ``simple_merges.py --set problem.task.test_split=NAME`` run (``--simple``).
 """
 
 from __future__ import annotations
@@ -33,21 +35,54 @@ METHODS = [("ps", "PS"), ("ps_ties", "PS with TIES (no DARE)"),
            ("map_elites", "MAP-Elites"), ("cmaes_slerp", "CMA-ES over SLERP")]
 
 
+def stage_dir(run_dir: pathlib.Path) -> pathlib.Path:
+    """The run directory holding a run's config.yaml, metrics.csv and best/: ``run_dir`` itself, or the
+    last stage's folder of a pipeline (PS + DFS: ``RUN_DIR/dfs``)."""
+    if not (run_dir / "config.yaml").is_file() and (run_dir / "pipeline.yaml").is_file():
+        import yaml
+
+        stages = yaml.safe_load((run_dir / "pipeline.yaml").read_text())["pipeline"]
+        return run_dir / stages[-1]["name"]
+    return run_dir
+
+
+def best_model(run_dir: pathlib.Path) -> pathlib.Path | None:
+    """The saved best model of a run (``best/model``; several seeds: the first seed's), or None."""
+    best = stage_dir(run_dir) / "best"
+    folders = [best / "model"] + sorted(best.glob("seed-*/model"))
+    return next((f for f in folders if f.is_dir()), None)
+
+
+def problem_options(run_dir: pathlib.Path):
+    """(SeedsOptions, TaskOptions) of a language-model run (its config's ``problem.seeds`` / ``problem.task``)."""
+    from evojax_merge.config import from_dict, load_config
+    from evojax_merge.problems.llm import SeedsOptions, TaskOptions
+
+    problem = load_config(stage_dir(run_dir) / "config.yaml").problem
+    return (from_dict(SeedsOptions, problem.get("seeds", {}), "problem.seeds."),
+            from_dict(TaskOptions, problem.get("task", {}), "problem.task."))
+
+
+def best_scores(summary: dict) -> tuple[dict, dict]:
+    """(test scores per skill and ``all``, fitness score ``all``) of a run's best model, from its summary."""
+    test = {**summary.get("final_test_score_per_group_mean", {}), "all": summary["final_test_score_mean"]}
+    return test, {"all": summary["final_train_score_mean"]}
+
+
 class Scorer:
     """Per-problem scores of saved models (Hugging Face folders or path models) on a run config's task."""
 
     def __init__(self, run_dir: pathlib.Path, test_split: str | None = None):
-        from evojax_merge.evolve_config import load_evolve_config
         from evojax_merge.models import hf_io
-        from evojax_merge.run import llm_evolve
+        from evojax_merge.problems.llm import seed_folders
 
-        self.config = load_evolve_config(run_dir / "config.yaml")
+        self.seeds, self.task = problem_options(run_dir)
         # Both splits by each skill's own scorer (exact match), whatever score a run searched on, so
         # every row's fitness column means the same thing.
-        self.config.task.fitness_kind = None
+        self.task.fitness_kind = None
         if test_split is not None:
-            self.config.task.test_split = test_split
-        self.tokenizer = hf_io.load_tokenizer(llm_evolve.seed_folders(self.config)[0][0])
+            self.task.test_split = test_split
+        self.tokenizer = hf_io.load_tokenizer(seed_folders(self.seeds)[0][0])
         self._compiled = {}
 
     def __call__(self, folder: str) -> dict[str, np.ndarray]:
@@ -56,12 +91,12 @@ class Scorer:
 
         from evojax_merge.merge import path_io
         from evojax_merge.models import hf_io
-        from evojax_merge.run import llm_evolve
+        from evojax_merge.problems.llm import build_task_suite
 
         load = path_io.load_path_model if path_io.is_path_model(folder) else hf_io.load_hf_folder
         model_config, params = load(folder)
         if model_config not in self._compiled:  # one compilation per architecture
-            suite = llm_evolve.suite_for(self.config, model_config, self.tokenizer)
+            suite = build_task_suite(self.task, self.seeds, model_config, self.tokenizer)
             self._compiled[model_config] = suite, jax.jit(suite.scores, static_argnames="test")
         suite, scores = self._compiled[model_config]
         return {"fitness": np.asarray(scores(params, suite.train)),
@@ -83,13 +118,12 @@ def paired(points: np.ndarray | None, reference: np.ndarray | None) -> str:
 def seed_labels(run_dir: pathlib.Path) -> dict[str, str]:
     """Row label of each seed folder of a run: ``<key> specialist`` / ``base`` by its key in the seeds
     manifest (folders named directly in the config: by the folder above ``model``, runs/llm_seeds/<name>/model)."""
-    from evojax_merge.evolve_config import load_evolve_config
-    from evojax_merge.run import llm_evolve
+    from evojax_merge.problems.llm import seed_folders
 
-    config = load_evolve_config(run_dir / "config.yaml")
-    folders, base = llm_evolve.seed_folders(config)
-    if config.seeds.manifest is not None:
-        names = list(config.seeds.models)
+    seeds, _ = problem_options(run_dir)
+    folders, base = seed_folders(seeds)
+    if seeds.manifest is not None:
+        names = list(seeds.models)
     else:
         names = [pathlib.Path(f).parent.name for f in folders]
     labels = {str(f): f"{name} specialist" for f, name in zip(folders, names)}
@@ -105,18 +139,21 @@ def row(name: str, test: dict, fitness: dict | None, versus: str = "") -> str:
 
 
 def m2n2_at(run_dir: pathlib.Path, evaluations: int) -> tuple[int, dict, dict] | None:
-    """(evaluations, test scores, fitness score) of M2N2's best model at the logged row nearest ``evaluations``."""
+    """(evaluations, test scores, fitness score) of M2N2's best model at the logged point nearest
+    ``evaluations`` (metrics.csv; several seeds: the first seed's rows)."""
     import csv
 
-    path = run_dir / "metrics.csv"
+    path = stage_dir(run_dir) / "metrics.csv"
     if not path.is_file():
         return None
-    rows = [r for r in csv.DictReader(path.open()) if r.get("test_all")]
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("test_score")]
+    rows = [r for r in rows if r["seed"] == rows[0]["seed"]] if rows else []
     if not rows:
         return None
     r = min(rows, key=lambda r: abs(int(r["evaluations"]) - evaluations))
-    test = {k: float(r[f"test_{k}"]) for k in ("arithmetic", "list_ops", "all")}
-    return int(r["evaluations"]), test, {"all": float(r["best_train"])}
+    test = {k: float(r[f"test_{k}"]) for k in ("arithmetic", "list_ops")} | {"all": float(r["test_score"])}
+    return int(r["evaluations"]), test, {"all": float(r["train_score"])}
 
 
 def main(argv=None) -> int:
@@ -142,7 +179,7 @@ def main(argv=None) -> int:
     if not summaries:
         print(f"error: no summary.json under {root}", file=sys.stderr)
         return 2
-    with_seeds = next((k for k, s in summaries.items() if "seeds_test" in s), None)
+    with_seeds = next((k for k, s in summaries.items() if "seeds_test" in s.get("baselines", {})), None)
     scorer = None if a.no_rescore else Scorer(root / next(iter(summaries)), a.test_split)
     split = a.test_split or "test"
     points = {}  # label -> per-problem test scores, for the paired comparison with the best seed
@@ -151,7 +188,7 @@ def main(argv=None) -> int:
     seed_rows = []
     if with_seeds is not None:
         labels = seed_labels(root / with_seeds)
-        for folder, test in summaries[with_seeds]["seeds_test"].items():
+        for folder, test in summaries[with_seeds]["baselines"]["seeds_test"].items():
             label = labels.get(folder, folder)
             scored = None if scorer is None else scorer(folder)
             fitness = None if scored is None else scorer.accuracies(scored["fitness"], "fitness")
@@ -168,8 +205,8 @@ def main(argv=None) -> int:
     fixed = json.loads(simple.read_text()) if simple.is_file() else None
     if fixed is not None and fixed.get("test_split", "test") != split:
         print(f"note: {simple} reports the split {fixed.get('test_split', 'test')!r}, not {split!r}: fixed merges "
-              f"left out (simple_merges.py --set task.test_split={split} --out DIR; --simple DIR/simple_merges.json)",
-              file=sys.stderr)
+              f"left out (simple_merges.py --set problem.task.test_split={split} --out DIR; "
+              "--simple DIR/simple_merges.json)", file=sys.stderr)
         fixed = None
     if fixed is not None:
         for label, scores in fixed["scores"].items():
@@ -179,18 +216,19 @@ def main(argv=None) -> int:
     for key, label in methods:
         if key in summaries:
             s = summaries[key]
-            folder = root / key / ("dfs" if key == "ps_dfs" else "") / "best_model"
-            mine = scorer(str(folder)) if scorer is not None and folder.is_dir() else None
+            folder = best_model(root / key)
+            mine = scorer(str(folder)) if scorer is not None and folder is not None else None
+            test, fitness = best_scores(s)
             # Rescored, the fitness column is exact match even for a run that searched on another score.
-            fitness = s.get("best_train") if mine is None else scorer.accuracies(mine["fitness"], "fitness")
-            test = s["best_test"] if mine is None else scorer.accuracies(mine["test"], "test")
+            if mine is not None:
+                fitness, test = scorer.accuracies(mine["fitness"], "fitness"), scorer.accuracies(mine["test"], "test")
             if mine is None and split != "test":
                 print(f"note: {label} left out: no saved model to score on {split!r}", file=sys.stderr)
                 continue
             lines.append(row(label, test, fitness, paired(None if mine is None else mine["test"], reference)))
             # M2N2's earlier best is known only by its logged scores on the runs' own test split.
             early = m2n2_at(root / key, a.m2n2_at) if key == "m2n2" and split == "test" else None
-            if early is not None and early[0] < s.get("evaluations", early[0] + 1):
+            if early is not None and early[0] < s.get("evaluations_per_seed", early[0] + 1):
                 lines.append(row(f"M2N2 after {early[0]} evaluations", early[1], early[2]))
     print("\n".join(lines))
     return 0
