@@ -64,8 +64,21 @@ def wait_for_checkpoint(process, run_dir, at_least=1, timeout=300):
 
 
 def final_results(run_dir):
-    """(metrics.csv text, summary without the session's speed): what must not depend on interruptions."""
-    summary = json.loads((pathlib.Path(run_dir) / "summary.json").read_text())
-    for key in ["wall_seconds_this_session", "forward_passes_per_second_all_seeds"]:
+    """What must not depend on interruptions: (metrics.csv text, summary without the session's speed, the
+    exported best candidates). Exported files are named relative to the run directory (a copied run
+    directory names the original's) and compared by their arrays."""
+    import numpy as np
+
+    run_dir = pathlib.Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ["wall_seconds_this_session", "evaluations_per_second_all_seeds"]:
         summary.pop(key)
-    return (pathlib.Path(run_dir) / "metrics.csv").read_text(), summary
+    candidates = {}
+    for files in summary.get("best", {}).values():
+        for name, path in files.items():
+            parts = pathlib.Path(path).parts
+            relative = pathlib.Path(*parts[len(parts) - 1 - parts[::-1].index("best"):])  # from the last "best/"
+            files[name] = str(relative)
+            with np.load(run_dir / relative) as saved:
+                candidates[str(relative)] = {k: saved[k].tobytes() for k in saved.files}
+    return (run_dir / "metrics.csv").read_text(), summary, candidates

@@ -14,8 +14,8 @@ from cli_helpers import start as start_cli
 
 # 30 logged points with a checkpoint at each: long enough that a kill lands mid-run, short enough to be cheap.
 SMALL = [
-    "--set", "model.hidden_sizes=[16]",
-    "--set", "run.forward_passes=3002",
+    "--set", "problem.model.hidden_sizes=[16]",
+    "--set", "run.evaluations=3002",
     "--set", "run.log_every=100",
     "--set", "run.checkpoint_every=100",
     "--set", "run.seeds=[1, 2]",
@@ -64,10 +64,28 @@ def test_sigint_leaves_a_resumable_checkpoint_and_exits_130(tmp_path, straight):
     assert final_results(out) == final_results(straight)
 
 
+def interrupted_copy(straight, out):
+    """A copy of the uninterrupted run as an interrupt at its last logged point leaves it: the same metrics
+    and final checkpoint, status interrupted, nothing exported yet (a complete run is never resumed)."""
+    shutil.copytree(straight, out)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["status"] = "interrupted"
+    del summary["best"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(out / "best")
+    return out
+
+
+def test_a_run_interrupted_at_its_last_point_resumes_to_its_export(tmp_path, straight):
+    out = interrupted_copy(straight, tmp_path / "last")
+    resumed = cli("run", "--resume", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_results(out) == final_results(straight)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
 def test_corrupt_checkpoint_is_an_error_not_a_restart(tmp_path, straight, damage):
-    out = tmp_path / "corrupt"
-    shutil.copytree(straight, out)
+    out = interrupted_copy(straight, tmp_path / "corrupt")
     before = final_results(out)
     latest = out / "checkpoints" / str(finished_steps(out)[-1])
     # The array data lives in the OCDBT store's data files; damage every one of them.
@@ -91,11 +109,10 @@ def test_corrupt_checkpoint_is_an_error_not_a_restart(tmp_path, straight, damage
 
 
 def test_checkpoint_of_a_different_model_is_an_error(tmp_path, straight):
-    out = tmp_path / "mismatched"
-    shutil.copytree(straight, out)
+    out = interrupted_copy(straight, tmp_path / "mismatched")
     config = out / "config.yaml"
     config.write_text(config.read_text().replace("- 16", "- 8"))  # the same run dir, now a narrower MLP
     assert "- 8" in config.read_text()
     resumed = cli("run", "--resume", str(out), "--no-progress")
     assert resumed.returncode == 2, resumed.stderr
-    assert "checkpoint" in resumed.stderr and "Traceback" not in resumed.stderr
+    assert f"checkpoint {out / 'checkpoints'}" in resumed.stderr and "Traceback" not in resumed.stderr

@@ -4,18 +4,19 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from evojax_merge import cli
-from evojax_merge.config import dump_config, load_config
+from evojax_merge.config import load_config
 from evojax_merge.run.plot import results_table
 
 
 def fake_run(path, name, passes, per_seed_test, seeds=None, budget=None):
-    """A run directory with config.yaml and metrics.csv (test accuracy rows per seed and logged point)."""
+    """A run directory with config.yaml and metrics.csv (test score rows per seed and logged point)."""
     path.mkdir(parents=True)
-    config = load_config(None, [f"name={name}", f"run.forward_passes={budget or passes[-1]}"])
-    (path / "config.yaml").write_text(dump_config(config))
-    rows = ["seed,forward_passes,train_accuracy,test_accuracy,archive_filled,rejected_nonfinite"]
+    config = load_config(None, [f"name={name}", f"run.evaluations={budget or passes[-1]}"])
+    (path / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    rows = ["seed,evaluations,train_score,test_score,archive_filled,rejected_nonfinite"]
     for seed, values in zip(seeds or range(len(per_seed_test)), per_seed_test):
         rows += [f"{seed},{p},0.5,{v},2,0" for p, v in zip(passes, values)]
     (path / "metrics.csv").write_text("\n".join(rows) + "\n")
@@ -25,8 +26,8 @@ def fake_run(path, name, passes, per_seed_test, seeds=None, budget=None):
 def test_table_at_fractions_of_the_budget():
     passes = np.array([2, 1002, 2002, 4002, 10000])
     values = np.array([[0.1, 0.2], [0.3, 0.5], [0.4, 0.4], [0.5, 0.7], [0.6, 0.8]])  # (points, seeds)
-    short = {"label": "short", "forward_passes": passes[:3], "values": values[:3]}
-    table = results_table([{"label": "a", "forward_passes": passes, "values": values}, short],
+    short = {"label": "short", "evaluations": passes[:3], "values": values[:3]}
+    table = results_table([{"label": "a", "evaluations": passes, "values": values}, short],
                           [{"label": "line", "value": 0.577, "seeds": 1}])
     lines = table.splitlines()
     assert lines[0] == "| method | seeds | passes | at 1k | at 2k | at 4k | at 10k |"

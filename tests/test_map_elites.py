@@ -1,5 +1,7 @@
 """MAP-Elites: cell assignment, elite replacement, non-finite children, descriptors, a run through the runner."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,9 @@ import pytest
 
 from evojax_merge.config import load_config
 from evojax_merge.errors import ConfigError
-from evojax_merge.run import experiment
+from evojax_merge.run import runner
 from evojax_merge.strategies.map_elites import MAPElites, Params, group_mean_descriptor
+from run_helpers import run_config
 
 # Four data points: axis 0 is the mean score on points {0, 1}, axis 1 on points {2, 3}.
 MEMBERSHIP = [[True, True, False, False], [False, False, True, True]]
@@ -133,21 +136,34 @@ def test_parents_come_from_occupied_cells_only():
 def test_short_run_through_the_runner(tmp_path):
     config = load_config(
         "experiments/digits/map_elites.yaml",
-        ["model.hidden_sizes=[16]", "run.forward_passes=302", "run.log_every=100", "run.checkpoint_every=100",
+        ["problem.model.hidden_sizes=[16]", "run.evaluations=302", "run.log_every=100", "run.checkpoint_every=100",
          "run.seeds=[3, 4]"],
     )
-    run_dir = experiment.new_run_dir(config, tmp_path / "run")
-    summary = experiment.run_experiment(config, run_dir, progress=False)
-    assert summary["status"] == "complete" and summary["forward_passes_per_seed"] == 302
-    metrics = experiment.read_metrics(run_dir)
-    np.testing.assert_array_equal(metrics["forward_passes"][:, 0], [2, 102, 202, 302])
+    run_dir, summary = run_config(config, tmp_path / "run")
+    assert summary["status"] == "complete" and summary["evaluations_per_seed"] == 302
+    metrics = runner.read_metrics(run_dir)
+    np.testing.assert_array_equal(metrics["evaluations"][:, 0], [2, 102, 202, 302])
     filled = metrics["archive_filled"]
     assert np.all(filled[0] <= 2) and np.all(np.diff(filled, axis=0) >= 0) and np.all(filled[-1] > 2)
-    assert np.all(np.diff(metrics["train_accuracy"], axis=0) >= 0)  # elites only improve
+    assert np.all(np.diff(metrics["train_score"], axis=0) >= 0)  # elites only improve
     assert np.all(filled <= 100)
 
 
 def test_descriptor_classes_must_exist_in_the_data():
-    config = load_config("experiments/digits/map_elites.yaml", ["strategy.descriptor_class_groups=[[1, 3], [12]]"])
-    with pytest.raises(ConfigError, match=r"descriptor_class_groups\[1\]"):
-        experiment.build_evolution(config, 64, 10, np.arange(10))
+    config = load_config("experiments/digits/map_elites.yaml", ["strategy.descriptor_groups=[[1, 3], [12]]"])
+    with pytest.raises(ConfigError, match=r"descriptor_groups\[1\]"):
+        runner.build(config)
+
+
+def test_descriptor_groups_default_to_odd_and_even_digits():
+    config = load_config("experiments/digits/map_elites.yaml", ["strategy.descriptor_groups=null", "run.seeds=[1]"])
+    resolved = runner.build(config).config.strategy
+    assert resolved["descriptor_groups"] == [[1, 3, 5, 7, 9], [0, 2, 4, 6, 8]] and resolved["grid_bins"] == 10
+    for groups in ("[]", "[[1, 1]]", "[[-1]]"):
+        with pytest.raises(ConfigError, match=r"strategy.descriptor_groups"):
+            runner.build(load_config("experiments/digits/map_elites.yaml", [f"strategy.descriptor_groups={groups}"]))
+    # MAP-Elites needs a problem with descriptor groups.
+    from evojax_merge.strategies.registry import build_strategy
+
+    with pytest.raises(ConfigError, match="map_elites needs a problem with descriptor groups"):
+        build_strategy({"name": "map_elites"}, types.SimpleNamespace(template={"w": jnp.zeros(2)}))

@@ -10,11 +10,11 @@ import signal
 import numpy as np
 
 from cli_helpers import cli, final_results, free_port, start, wait_for_checkpoint
-from evojax_merge.run.experiment import read_metrics
+from evojax_merge.run.runner import read_metrics
 
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 SMALL = [
-    "--set", "model.hidden_sizes=[16]",
+    "--set", "problem.model.hidden_sizes=[16]",
     "--set", "strategy.archive_size=6",
     "--set", "run.log_every=100",
     "--set", "run.checkpoint_every=100",
@@ -22,9 +22,9 @@ SMALL = [
 ]
 
 
-def run_args(out, forward_passes):
+def run_args(out, evaluations):
     return ["run", "experiments/digits/m2n2.yaml", "--out", str(out), "--no-progress", *SMALL,
-            "--set", f"run.forward_passes={forward_passes}"]
+            "--set", f"run.evaluations={evaluations}"]
 
 
 def start_two(*args):
@@ -53,12 +53,24 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     for key in a:
         np.testing.assert_allclose(b[key], a[key], atol=1e-6, err_msg=key)
     summary = lambda d: json.loads((tmp_path / d / "summary.json").read_text())
-    np.testing.assert_allclose(summary("two")["final_test_accuracy_per_seed"],
-                               summary("one")["final_test_accuracy_per_seed"], atol=1e-6)
+    np.testing.assert_allclose(summary("two")["final_test_score_per_seed"],
+                               summary("one")["final_test_score_per_seed"], atol=1e-6)
     # Both processes computed (and print) the same result; the run directory is process 0's alone.
-    result_line = lambda text: [line for line in text.splitlines() if "test accuracy" in line]
+    result_line = lambda text: [line for line in text.splitlines() if "test score" in line]
     assert result_line(outputs[0][0]) == result_line(outputs[1][0]) != []
     assert "run directory" in outputs[0][1] and "run directory" not in outputs[1][1]
+    # Each seed's best candidate (its shard lives on the other process for seed 2) is exported by process 0.
+    assert_same_candidates(final_results(tmp_path / "two")[2], final_results(tmp_path / "one")[2])
+
+
+def assert_same_candidates(candidates, reference):
+    """Exported best candidates (``final_results``' third entry) equal up to float rounding."""
+    assert candidates.keys() == reference.keys() and len(reference) == 2
+    for name, arrays in reference.items():
+        assert candidates[name].keys() == arrays.keys()
+        for key, data in arrays.items():
+            np.testing.assert_allclose(np.frombuffer(candidates[name][key], np.float32),
+                                       np.frombuffer(data, np.float32), atol=1e-6, err_msg=f"{name} {key}")
 
 
 def test_two_process_run_interrupted_then_resumed_by_two_processes_equals_one_process(tmp_path):
@@ -75,11 +87,12 @@ def test_two_process_run_interrupted_then_resumed_by_two_processes_equals_one_pr
     assert step < 30, "the run finished before the interrupt: the test proves nothing"
 
     finish(start_two("run", "--resume", str(out), "--no-progress"))
-    metrics, summary = final_results(out)
-    reference_metrics, reference_summary = final_results(tmp_path / "one")
+    metrics, summary, candidates = final_results(out)
+    reference_metrics, reference_summary, reference_candidates = final_results(tmp_path / "one")
     assert summary["status"] == "complete"
-    np.testing.assert_allclose(summary["final_test_accuracy_per_seed"],
-                               reference_summary["final_test_accuracy_per_seed"], atol=1e-6)
+    np.testing.assert_allclose(summary["final_test_score_per_seed"],
+                               reference_summary["final_test_score_per_seed"], atol=1e-6)
     a, b = read_metrics(tmp_path / "one"), read_metrics(out)
     for key in a:
         np.testing.assert_allclose(b[key], a[key], atol=1e-6, err_msg=key)
+    assert_same_candidates(candidates, reference_candidates)

@@ -6,48 +6,43 @@ import numpy as np
 import pytest
 
 from evojax_merge.config import load_config
-from evojax_merge.data import load_dataset
 from evojax_merge.errors import ConfigError
 from evojax_merge.models.mlp import MLP
 from evojax_merge.models.pretrain import train_on_subset
-from evojax_merge.run import experiment
+from evojax_merge.run.runner import build
 from evojax_merge.run.slerp_line import brute_force_slerp
 
 PRETRAINED = "experiments/digits/pretrained/m2n2.yaml"
+PRETRAINED_MAP_ELITES = "experiments/digits/pretrained/map_elites.yaml"
 
 
-@pytest.fixture(scope="module")
-def digits():
-    data = load_dataset("digits")
-    train = (jnp.asarray(data.train.x), jnp.asarray(data.train.y))
-    test = (jnp.asarray(data.test.x), jnp.asarray(data.test.y))
-    return data, train, test
+def seed_models(experiment, key):
+    """The two seed models the problem gives a run (the leading axis is the model)."""
+    return experiment.problem.seed_candidates(key, 2, experiment.fitness_data)
 
 
-def test_the_two_seeds_are_specialists_of_their_half(digits):
-    data, train, test = digits
-    config = load_config(PRETRAINED)
-    evolution = experiment.build_evolution(config, data.num_features, data.num_classes, data.train.y)
-    models = evolution.seed_models(jax.random.PRNGKey(0), train)
+def test_the_two_seeds_are_specialists_of_their_half():
+    experiment = build(load_config(PRETRAINED))
+    problem, train, test = experiment.problem, experiment.fitness_data, experiment.test_data
+    assert problem.num_given_seeds == 2 and experiment.engine.num_seeds == 2  # one per class group
+    models = seed_models(experiment, jax.random.PRNGKey(0))
     labels = np.asarray(test[1])
     low = labels < 5
     for i, own in enumerate([low, ~low]):
-        scores = np.asarray(evolution.score_fn(jax.tree.map(lambda x: x[i], models), test))
+        scores = np.asarray(problem.test_score(jax.tree.map(lambda x: x[i], models), test))
         # 10 Adam steps reach ~90% on the model's own five digits (test set) and nothing on the others:
         # it has only ever been pushed towards its own classes.
         assert scores[own].mean() > 0.8, (i, scores[own].mean())
         assert scores[~own].mean() < 0.05, (i, scores[~own].mean())
     # init_seed fixes the pair: another run seed gets the same two models.
-    again = evolution.seed_models(jax.random.PRNGKey(7), train)
+    again = seed_models(experiment, jax.random.PRNGKey(7))
     jax.tree.map(np.testing.assert_array_equal, models, again)
 
 
-def test_without_init_seed_each_run_has_its_own_pair(digits):
-    data, train, _ = digits
-    config = load_config(PRETRAINED, ["model.init_seed=null"])
-    evolution = experiment.build_evolution(config, data.num_features, data.num_classes, data.train.y)
-    a = evolution.seed_models(jax.random.PRNGKey(0), train)
-    b = evolution.seed_models(jax.random.PRNGKey(1), train)
+def test_without_init_seed_each_run_has_its_own_pair():
+    experiment = build(load_config(PRETRAINED, ["problem.model.init_seed=null"]))
+    a = seed_models(experiment, jax.random.PRNGKey(0))
+    b = seed_models(experiment, jax.random.PRNGKey(1))
     assert not np.allclose(a["Dense_0"]["kernel"], b["Dense_0"]["kernel"])
 
 
@@ -70,16 +65,16 @@ def test_training_uses_only_the_masked_points():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), masked, alone)
 
 
-def test_slerp_line_at_the_two_ends_is_the_better_seed(digits):
-    data, train, test = digits
+def test_slerp_line_at_the_two_ends_is_the_better_seed():
     config = load_config(PRETRAINED)
     # A two-point grid: ratio 0 is the first seed, ratio 1 the second; the one better on training wins.
     result = brute_force_slerp(config, num_ratios=2)
-    evolution = experiment.build_evolution(config, data.num_features, data.num_classes, data.train.y)
-    models = evolution.seed_models(jax.random.PRNGKey(0), train)
+    experiment = build(config)
+    problem, train, test = experiment.problem, experiment.fitness_data, experiment.test_data
+    models = seed_models(experiment, jax.random.PRNGKey(0))
     seeds = [jax.tree.map(lambda x: x[i], models) for i in (0, 1)]
-    train_acc = [float(evolution.score_fn(m, train).mean()) for m in seeds]
-    test_acc = [float(evolution.score_fn(m, test).mean()) for m in seeds]
+    train_acc = [float(problem.score(m, train).mean()) for m in seeds]
+    test_acc = [float(problem.test_score(m, test).mean()) for m in seeds]
     chosen = int(np.argmax(train_acc))
     (row,) = result["per_seed"]  # one pair: init_seed fixes it for every run
     assert row["ratio"] == float(chosen)
@@ -89,17 +84,28 @@ def test_slerp_line_at_the_two_ends_is_the_better_seed(digits):
 
 
 def test_pretrained_config_values_are_checked():
-    for override, key in [
-        ("model.pretrained_class_groups=[[0, 1]]", "model.pretrained_class_groups"),  # 1 group, 2 seed models
-        ("model.pretrained_class_groups=[[0, 0], [1]]", r"model.pretrained_class_groups\[0\]"),
-        ("model.pretrained_class_groups=[[], [1]]", r"model.pretrained_class_groups\[0\]"),
-        ("model.pretrain_steps=0", "model.pretrain_steps"),
-        ("model.pretrain_lr=0", "model.pretrain_lr"),
-        ("strategy.grid_bins=0", "strategy.grid_bins"),
-        ("strategy.grid_bins=200", "strategy.grid_bins"),  # 40,000 cells
+    for path, override, key in [
+        (PRETRAINED, "problem.model.pretrained_class_groups=[[0, 0], [1]]", r"problem.model.pretrained_class_groups\[0\]"),
+        (PRETRAINED, "problem.model.pretrained_class_groups=[[], [1]]", r"problem.model.pretrained_class_groups\[0\]"),
+        (PRETRAINED, "problem.model.pretrained_class_groups=[]", "problem.model.pretrained_class_groups"),
+        (PRETRAINED, "problem.model.pretrain_steps=0", "problem.model.pretrain_steps"),
+        (PRETRAINED, "problem.model.pretrain_lr=0", "problem.model.pretrain_lr"),
+        (PRETRAINED_MAP_ELITES, "strategy.grid_bins=0", "strategy.grid_bins"),
+        (PRETRAINED_MAP_ELITES, "strategy.grid_bins=200", "strategy.grid_bins"),  # 40,000 cells
+        # Classes with no training points.
+        (PRETRAINED, "problem.model.pretrained_class_groups=[[0, 1], [11]]", r"pretrained_class_groups\[1\]"),
     ]:
         with pytest.raises(ConfigError, match=key):
-            load_config(PRETRAINED, [override])
-    config = load_config(PRETRAINED, ["model.pretrained_class_groups=[[0, 1], [11]]"])
-    with pytest.raises(ConfigError, match=r"pretrained_class_groups\[1\]"):
-        experiment.build_evolution(config, 64, 10, np.arange(10))
+            build(load_config(path, [override]))
+
+
+def test_the_problem_gives_one_seed_model_per_class_group():
+    """The number of pre-trained seeds is the number of class groups (the problem has them, whatever the
+    archive's num_seed_models says); a SLERP line needs exactly two."""
+    config = load_config(PRETRAINED, ["problem.model.pretrained_class_groups=[[0, 1], [2, 3], [4, 5]]"])
+    assert build(config).engine.num_seeds == 3
+    with pytest.raises(ConfigError, match="must be 2 for a SLERP line between two seed models, got 3"):
+        brute_force_slerp(config, num_ratios=2)
+    with pytest.raises(ConfigError, match=r"archive_size.*must hold the problem's 3 seed models"):
+        build(load_config(PRETRAINED, ["problem.model.pretrained_class_groups=[[0], [1], [2]]",
+                                       "strategy.archive_size=2", "strategy.num_seed_models=2"]))

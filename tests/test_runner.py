@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from evojax_merge.config import load_config
-from evojax_merge.run import experiment
+from evojax_merge.errors import CheckpointError, ConfigError
+from evojax_merge.run import runner
 from evojax_merge.run.checkpoint import RunCheckpoints
-from evojax_merge.run.evolve import log_schedule
+from evojax_merge.run.engine import log_schedule
+from run_helpers import final_runs
 
 SMALL = [
-    "model.hidden_sizes=[16]",
+    "problem.model.hidden_sizes=[16]",
     "strategy.archive_size=6",
-    "run.forward_passes=402",
+    "run.evaluations=402",
     "run.log_every=100",
     "run.checkpoint_every=200",
     "run.seeds=[3, 4]",
@@ -34,43 +36,53 @@ def test_log_schedule_spends_the_budget_exactly():
 
 
 def run(tmp_path, name, config):
-    run_dir = experiment.new_run_dir(config, tmp_path / name)
-    return run_dir, experiment.run_experiment(config, run_dir, progress=False)
+    experiment = runner.build(config)
+    run_dir = runner.new_run_dir(experiment.config, tmp_path / name)
+    return run_dir, runner.run(experiment, run_dir, progress=False)
 
 
-def final_archive(run_dir, config):
-    checkpoints = RunCheckpoints(run_dir / "checkpoints")
-    data = experiment.load_dataset("digits")
-    evolution = experiment.build_evolution(config, data.num_features, data.num_classes)
-    train = (data.train.x, data.train.y)
-    like = jax.eval_shape(
-        jax.vmap(lambda k: evolution.init(k, train)), jax.numpy.stack([jax.random.PRNGKey(s) for s in config.run.seeds])
-    )
-    import numpy as _np
-
-    history = {k: _np.zeros((5, 2), _np.float32) for k in ["train_accuracy", "test_accuracy"]}
-    history.update({k: _np.zeros((5, 2), _np.int32) for k in ["forward_passes", "archive_filled", "rejected_nonfinite"]})
-    step, restored = checkpoints.restore({"runs": like, "history": history, "log_index": _np.int32(0)})
-    checkpoints.close()
-    return np.asarray(restored["runs"].strategy_state.archive)
+def final_archive(run_dir):
+    return np.asarray(final_runs(run_dir).strategy_state.archive)
 
 
 def test_run_writes_its_files_and_is_deterministic(tmp_path):
     config = small_config()
     dir_a, summary_a = run(tmp_path, "a", config)
     dir_b, summary_b = run(tmp_path, "b", config)
-    for name in ["config.yaml", "metrics.csv", "summary.json", "test_accuracy.png"]:
+    for name in ["config.yaml", "metrics.csv", "summary.json", "test_score.png"]:
         assert (dir_a / name).is_file()
     assert (dir_a / "metrics.csv").read_text() == (dir_b / "metrics.csv").read_text()
-    assert summary_a["final_test_accuracy_per_seed"] == summary_b["final_test_accuracy_per_seed"]
-    assert summary_a["forward_passes_per_seed"] == 402 and summary_a["status"] == "complete"
-    metrics = experiment.read_metrics(dir_a)
-    np.testing.assert_array_equal(metrics["forward_passes"][:, 0], [2, 102, 202, 302, 402])
-    assert metrics["test_accuracy"].shape == (5, 2)
+    assert summary_a["final_test_score_per_seed"] == summary_b["final_test_score_per_seed"]
+    assert summary_a["evaluations_per_seed"] == 402 and summary_a["status"] == "complete"
+    metrics = runner.read_metrics(dir_a)
+    np.testing.assert_array_equal(metrics["evaluations"][:, 0], [2, 102, 202, 302, 402])
+    assert metrics["test_score"].shape == (5, 2)
     # Different seeds are different runs.
-    assert summary_a["final_test_accuracy_per_seed"][0] != summary_a["final_test_accuracy_per_seed"][1]
+    assert summary_a["final_test_score_per_seed"][0] != summary_a["final_test_score_per_seed"][1]
     # The resolved config in the run directory reproduces the run.
-    assert load_config(dir_a / "config.yaml") == config
+    resolved = runner.build(config).config
+    assert load_config(dir_a / "config.yaml") == resolved
+    assert resolved.strategy["archive_size"] == 6 and resolved.problem["model"]["hidden_sizes"] == [16]
+
+
+def test_the_best_candidate_of_each_seed_is_exported(tmp_path):
+    config = small_config()
+    run_dir, summary = run(tmp_path, "best", config)
+    experiment = runner.build(config)
+    problem = experiment.problem
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(problem.template)
+    for seed, final_test in zip([3, 4], summary["final_test_score_per_seed"]):
+        path = run_dir / "best" / f"seed-{seed}" / "best_candidate.npz"
+        assert summary["best"][str(seed)] == {"best_candidate": str(path)}
+        saved = np.load(path)
+        assert sorted(saved.files) == sorted(jax.tree_util.keystr(p) for p, _ in leaves)
+        candidate = jax.tree_util.tree_unflatten(treedef, [saved[jax.tree_util.keystr(p)] for p, _ in leaves])
+        # It is the candidate whose test score was logged last.
+        score = float(problem.test_score(candidate, experiment.test_data).mean())
+        assert score == pytest.approx(final_test, abs=1e-6)
+    # One seed: the candidate sits in RUN_DIR/best itself.
+    one_dir, one = run(tmp_path, "one", small_config("run.seeds=[3]"))
+    assert (one_dir / "best" / "best_candidate.npz").is_file() and not (one_dir / "best" / "seed-3").exists()
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
@@ -78,7 +90,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     straight_dir, straight = run(tmp_path, "straight", config)
 
     writes = []
-    original = experiment._write_metrics
+    original = runner._write_metrics
 
     def interrupt_after_first_chunk(*args):
         original(*args)
@@ -86,34 +98,35 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
         if len(writes) == 1:
             signal.raise_signal(signal.SIGINT)  # as Ctrl-C would: a checkpoint at the next logged point
 
-    monkeypatch.setattr(experiment, "_write_metrics", interrupt_after_first_chunk)
+    monkeypatch.setattr(runner, "_write_metrics", interrupt_after_first_chunk)
     resumed_dir, first = run(tmp_path, "resumed", config)
-    assert first["status"] == "interrupted" and first["forward_passes_per_seed"] == 102
-    monkeypatch.setattr(experiment, "_write_metrics", original)
+    assert first["status"] == "interrupted" and first["evaluations_per_seed"] == 102
+    assert not (resumed_dir / "best").exists()  # only a complete run exports its best candidates
+    monkeypatch.setattr(runner, "_write_metrics", original)
 
-    resumed = experiment.resume_experiment(resumed_dir, progress=False)
+    resumed = runner.resume(resumed_dir, progress=False)
     assert resumed["status"] == "complete"
     assert (resumed_dir / "metrics.csv").read_text() == (straight_dir / "metrics.csv").read_text()
-    assert resumed["final_test_accuracy_per_seed"] == straight["final_test_accuracy_per_seed"]
-    np.testing.assert_array_equal(final_archive(resumed_dir, config), final_archive(straight_dir, config))
+    assert resumed["final_test_score_per_seed"] == straight["final_test_score_per_seed"]
+    np.testing.assert_array_equal(final_archive(resumed_dir), final_archive(straight_dir))
 
 
 def test_resume_needs_a_run_directory(tmp_path):
-    with pytest.raises(experiment.CheckpointError, match="not a run directory"):
-        experiment.resume_experiment(tmp_path)
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        runner.resume(tmp_path)
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("results")
-    with pytest.raises(experiment.ConfigError, match="use --resume"):
-        experiment.new_run_dir(small_config(), tmp_path / "x")
+    with pytest.raises(ConfigError, match="use --resume"):
+        runner.new_run_dir(small_config(), tmp_path / "x")
 
 
 def test_summary_json_is_valid(tmp_path):
     run_dir, summary = run(tmp_path, "s", small_config("strategy.children_per_step=2"))
     assert json.loads((run_dir / "summary.json").read_text()) == summary
-    assert summary["forward_passes_per_seed"] == 402  # 2 seeds + 200 generations x 2 children
+    assert summary["evaluations_per_seed"] == 402  # 2 seeds + 200 generations x 2 children
 
 
 def test_a_save_killed_before_its_manifest_is_redone_after_resume(tmp_path):

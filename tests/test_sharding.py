@@ -21,36 +21,25 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHILD = textwrap.dedent(
     """
     import json, sys, pathlib
+    sys.path.insert(0, str(pathlib.Path.cwd() / "tests"))
     import jax, numpy as np
     from evojax_merge.config import load_config
-    from evojax_merge.run import experiment
-    from evojax_merge.run.checkpoint import RunCheckpoints
+    from evojax_merge.run import runner
+    from run_helpers import final_runs, run_config
 
     assert jax.device_count() == 8, jax.devices()
 
-    def archive(config, run_dir):
-        data = experiment.load_dataset("digits")
-        evolution = experiment.build_evolution(config, data.num_features, data.num_classes)
-        keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in config.run.seeds])
-        runs = jax.eval_shape(jax.vmap(lambda k: evolution.init(k, (data.train.x, data.train.y))), keys)
-        history = {k: np.zeros((4, 8), np.float32) for k in ["train_accuracy", "test_accuracy"]}
-        history.update({k: np.zeros((4, 8), np.int32) for k in ["forward_passes", "archive_filled", "rejected_nonfinite"]})
-        checkpoints = RunCheckpoints(run_dir / "checkpoints")
-        _, restored = checkpoints.restore({"runs": runs, "history": history, "log_index": np.int32(0)})
-        checkpoints.close()
-        return np.asarray(restored["runs"].strategy_state.archive)
     out = pathlib.Path(sys.argv[1])
-    small = ["model.hidden_sizes=[16]", "strategy.archive_size=6", "run.forward_passes=302", "run.log_every=100",
+    small = ["problem.model.hidden_sizes=[16]", "strategy.archive_size=6", "run.evaluations=302", "run.log_every=100",
              "run.checkpoint_every=100", "run.seeds=[1, 2, 3, 4, 5, 6, 7, 8]"]
     results = {}
     for devices in ["null", "1", "8"]:
         config = load_config("experiments/digits/m2n2.yaml", small + [f"run.devices={devices}"])
-        run_dir = experiment.new_run_dir(config, out / devices)
-        summary = experiment.run_experiment(config, run_dir, progress=False)
+        run_dir, summary = run_config(config, out / devices)
         results[devices] = {
-            "metrics": {k: v.tolist() for k, v in experiment.read_metrics(run_dir).items()},
-            "test": summary["final_test_accuracy_per_seed"],
-            "archive": archive(config, run_dir),
+            "metrics": {k: v.tolist() for k, v in runner.read_metrics(run_dir).items()},
+            "test": summary["final_test_score_per_seed"],
+            "archive": np.asarray(final_runs(run_dir).strategy_state.archive),
         }
     # The archives (restored from the final checkpoints) as their largest difference to the single-device one.
     reference = results["null"]["archive"]

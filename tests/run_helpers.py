@@ -1,0 +1,38 @@
+"""Shared by the runner tests: run a config in-process, and read a run directory's final loop state."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evojax_merge.config import load_config
+from evojax_merge.run import runner
+from evojax_merge.run.checkpoint import RunCheckpoints
+
+
+def run_config(config, run_dir, **kwargs):
+    """Build ``config``, create ``run_dir`` with the resolved config and run it: (run_dir, summary)."""
+    experiment = runner.build(config)
+    run_dir = runner.new_run_dir(experiment.config, run_dir)
+    return run_dir, runner.run(experiment, run_dir, progress=False, **kwargs)
+
+
+def final_runs(run_dir):
+    """The loop state (``RunState`` with a leading seed axis) of a run directory's latest checkpoint.
+
+    The restore target is built as the runner builds it: from the run's own config.yaml, with the shapes of
+    its compiled init (no seed scoring) and one history row per logged point.
+    """
+    run_dir = pathlib.Path(run_dir)
+    experiment = runner.build(load_config(run_dir / "config.yaml"))
+    seeds = experiment.config.run.seeds
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    runs, report = jax.eval_shape(experiment.engine.compile_init(), keys, experiment.fitness_data, experiment.test_data)
+    history = {k: np.zeros((len(experiment.schedule) + 1, len(seeds)), v.dtype) for k, v in report.items()}
+    checkpoints = RunCheckpoints(run_dir / "checkpoints")
+    try:
+        _, restored = checkpoints.restore({"runs": runs, "history": history, "log_index": np.int32(0)})
+    finally:
+        checkpoints.close()
+    return restored["runs"]
