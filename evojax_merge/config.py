@@ -149,7 +149,7 @@ def _coerce(hint, value, key: str):
                 pass
         names = " or ".join(a.__name__ for a in inner)
         raise ConfigError(f"config key '{key}' must be of type {names}, got {value!r}")
-    if hint is Any:
+    if hint is Any or (hint in (list, dict) and isinstance(value, hint)):  # bare list / dict: items checked by their user
         return value
     if origin is dict:
         if not isinstance(value, dict):

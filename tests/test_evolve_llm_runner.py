@@ -221,10 +221,7 @@ def test_seeds_of_different_architectures_are_refused(tmp_path, seeds):
     ("llm_recipe", PS, "problem.recipe.bogus=1", "unknown config key in 'problem.recipe.' 'bogus'"),
     pytest.param(
         "llm_models", M2N2, "problem.task.skills=[{skill: arithmetic, kind: loglik}]",
-        "problem.task.skills' cannot use kind 'loglik'",
-        marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-            "package gap: the old evolve config refused negative (loglik) scores for M2N2's competition; "
-            "the one engine lost that check (NONNEGATIVE_KINDS is unused). See the fix in the port's report."))),
+        "problem.task.skills' cannot use kind 'loglik'"),
 ])
 def test_bad_configs_name_the_key(tmp_path, seeds, problem, strategy, override, message):
     path = _config(tmp_path, seeds, problem=problem, strategy=strategy,

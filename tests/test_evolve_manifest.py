@@ -218,10 +218,7 @@ def test_an_answer_probability_fitness_scores_the_fitness_split_and_keeps_exact_
     (["problem.task.fitness_kind=bleu"], None, "problem.task.fitness_kind.*must be one of"),
     pytest.param(
         ["problem.name=llm_models", "problem.task.fitness_kind=loglik"], M2N2,
-        "problem.task.fitness_kind.*negative scores",
-        marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-            "package gap: the old evolve config refused negative (loglik) scores for M2N2's competition; "
-            "the one engine lost that check (NONNEGATIVE_KINDS is unused). See the fix in the port's report."))),
+        "problem.task.fitness_kind.*negative scores"),
 ])
 def test_a_bad_fitness_kind_is_a_config_error(tmp_path, manifest, overrides, strategy, message):
     root, _ = manifest

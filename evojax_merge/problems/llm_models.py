@@ -16,9 +16,10 @@ import pathlib
 
 import jax
 
-from evojax_merge.config import options
+from evojax_merge.config import check, options
 from evojax_merge.merge.operators import stack_trees
 from evojax_merge.models import hf_io
+from evojax_merge.tasks.kinds import NONNEGATIVE_KINDS
 from evojax_merge.problems.llm import LanguageModelProblem, SeedsOptions, TaskOptions, build_task_suite, load_seeds
 
 
@@ -31,6 +32,14 @@ class LLMModelsOptions:
     def validate(self):
         self.seeds.validate()
         self.task.validate()
+        # M2N2's competition divides each point's score by the archive's total there: scores must be >= 0.
+        check(self.task.fitness_kind in (None, *NONNEGATIVE_KINDS), "problem.task.fitness_kind",
+              "cannot be 'loglik' (negative scores) with whole-model candidates: M2N2's competition needs "
+              f"scores >= 0; use one of {NONNEGATIVE_KINDS}")
+        if not self.task.from_manifest and self.task.fitness_kind is None:
+            check("loglik" not in [s.kind for s in self.task.skills], "problem.task.skills",
+                  "cannot use kind 'loglik' (negative scores) with whole-model candidates: M2N2's competition "
+                  f"needs scores >= 0; use one of {NONNEGATIVE_KINDS}")
 
 
 class LLMModelsProblem(LanguageModelProblem):

@@ -10,9 +10,10 @@ same code path. Python only steps from one call to the next: there is no Python 
 Candidates are scored all at once (``vmap``) or ``batch_size`` at a time (``lax.map``, which bounds the
 memory of whole-model candidates). With a population x model mesh (:mod:`~evojax_merge.run.population_sharding`)
 the strategy's ``ask`` and ``tell`` run unpartitioned on one device and only the scoring is spread: fused,
-the mesh's sharding would propagate into the strategy's arithmetic, where CMA-ES's eigendecomposition
-then picks another (equally valid) basis of a degenerate eigenspace and the same key samples other
-candidates.
+the mesh's sharding would propagate into the strategy's arithmetic. Meshes of any shape give the same
+run bit for bit (1 x 1 equals 2 x 2); the unmeshed program is compiled differently and rounds differently
+(about 1e-8), which a full CMA-ES can turn into other samples within a few generations: its covariance
+starts as the identity, and its eigendecomposition picks one of many equally valid bases.
 """
 
 from __future__ import annotations

@@ -163,10 +163,10 @@ def run(experiment: Experiment, run_dir: pathlib.Path, resume: bool = False, pro
             # tracebacks of their own at interpreter exit.
             checkpoints.close()
             raise
-        runs, history, log_index = restored["runs"], restored["history"], int(restored["log_index"])
+        runs, log_index = restored["runs"], int(restored["log_index"])
         runs = place(runs, runs_sharding)  # restored arrays land on the default device
-        history = {k: np.asarray(v) for k, v in history.items()}
-        history.update({k: np.full((num_logs, len(seeds)), np.nan, np.float32) for k in absent})
+        history = {k: np.full((num_logs, len(seeds)), np.nan, np.float32) if k in absent
+                   else np.asarray(restored["history"][k]) for k in order}  # in column order, not orbax's
     else:
         for k, v in report.items():
             history[k][0] = np.asarray(v)
@@ -224,6 +224,10 @@ def _export_best(experiment: Experiment, runs, run_dir: pathlib.Path) -> dict:
     """Each seed's best candidate written as the problem exports it, and the problem's baselines."""
     engine, seeds = experiment.engine, experiment.config.run.seeds
     best = jax.jit(jax.vmap(lambda state: engine.strategy.best(state)[0]))(runs.strategy_state)
+    if jax.process_count() > 1:  # each process holds only its own seeds' shards
+        from jax.experimental import multihost_utils
+
+        best = multihost_utils.process_allgather(best, tiled=True)
     out = {}
     if is_writer():
         exported = {}
