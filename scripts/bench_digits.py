@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evojax_merge.config import load_config
-from evojax_merge.data import load_digits
-from evojax_merge.run.experiment import build_evolution
+from evojax_merge.run.runner import build
 from evojax_merge.run.sharding import check_divisible, place, run_shardings, runs_mesh
 
 
@@ -66,18 +65,15 @@ def main():
     mesh = runs_mesh(args.devices)
     runs_sharding, data_sharding = run_shardings(mesh)
 
-    config = load_config(args.config, [f"strategy.children_per_step={args.children_per_step}"])
-    data = load_digits()
-    train = (jnp.asarray(data.train.x), jnp.asarray(data.train.y))
-    test = (jnp.asarray(data.test.x), jnp.asarray(data.test.y))
-    train, test = place((train, test), data_sharding)
-    evolution = build_evolution(config, data.num_features, data.num_classes)
+    experiment = build(load_config(args.config, [f"strategy.children_per_step={args.children_per_step}"]))
+    config, evolution, problem = experiment.config, experiment.engine, experiment.problem
+    train, test = place((experiment.fitness_data, experiment.test_data), data_sharding)
     keys = place(jnp.stack([jax.random.PRNGKey(s) for s in range(args.seeds)]), runs_sharding)
     runs, _ = evolution.compile_init(mesh)(keys, train, test)
     chunk = evolution.compile_chunk(args.steps, mesh)
     jax.block_until_ready(chunk(runs, train, test))  # compile
     loop_seconds = best_time(lambda: chunk(runs, train, test), args.repeats)
-    passes = args.seeds * args.steps * config.strategy.children_per_step
+    passes = args.seeds * args.steps * experiment.per_step
     loop_rate = passes / loop_seconds
 
     # The bare evaluation: the same number of vmapped scorings of (slightly perturbed) archive models.
@@ -86,7 +82,7 @@ def main():
     @jax.jit
     def evaluate_only(models):
         def body(models, _):
-            scores = jax.vmap(evolution.score_fn, in_axes=(0, None))(models, train)
+            scores = jax.vmap(problem.score, in_axes=(0, None))(models, train)
             models = jax.tree.map(lambda x: x + 1e-7 * scores.mean(), models)
             return models, scores.mean()
 
@@ -102,11 +98,12 @@ def main():
     jax.block_until_ready(matmul(big))
     peak = 2 * 2048**3 / best_time(lambda: matmul(big), 5 * args.repeats)
 
-    sizes = [data.num_features, *config.model.hidden_sizes, data.num_classes]
+    data = problem.dataset
+    sizes = [data.num_features, *config.problem["model"]["hidden_sizes"], data.num_classes]
     flops = flops_per_forward_pass(len(data.train.y), sizes)
     print(f"devices: {jax.devices()}, seeds split over: {args.devices or 'one device (no mesh)'}")
     print(f"runs vmapped: {args.seeds}, generations timed: {args.steps}, children per generation: "
-          f"{config.strategy.children_per_step}, best of {args.repeats}")
+          f"{experiment.per_step}, best of {args.repeats}")
     print(f"one forward pass: {flops / 1e6:.1f} MFLOP ({len(data.train.y)} images, MLP {sizes})")
     print(f"bare evaluation loop: {eval_rate:8.0f} forward passes/s  ({eval_rate * flops / 1e9:.1f} GFLOP/s)")
     print(f"M2N2 loop:            {loop_rate:8.0f} forward passes/s  ({loop_rate * flops / 1e9:.1f} GFLOP/s), "

@@ -9,8 +9,10 @@ exact match of the generated number on arithmetic problems and prefix match on l
 the probability of each answer (one forward pass, no generation). One candidate = one merged model
 scored on every training problem.
 
-Measured for each search, after compiling: whole generations (ask + merge + score + tell in one compiled
-call) for --generations generations -> candidates/s; then the same population's merge alone and scoring
+Both searches run through the engine every experiment uses (``evojax_merge.run.runner.build`` of a
+config with problem ``llm_recipe`` / ``llm_models``; the random seeds are written to a temporary folder as
+Hugging Face folders first). Measured for each search, after compiling: whole generations (ask + merge +
+score + tell in one compiled call, ``Engine.compile_chunk(1)``) for --generations generations -> candidates/s; then the same population's merge alone and scoring
 alone (each compiled by itself, best of --repeats) -> the share of merging in merge + score.
 
 The last line is ``candidates_per_s: <PS candidates per second>``.
@@ -22,18 +24,17 @@ Usage: python scripts/bench_evolve.py [--layers 6] [--hidden 192] [--points 32] 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
+from evojax_merge.config import Config, RunConfig
 from evojax_merge.data.synthetic_text import CharTokenizer
-from evojax_merge.evolve_config import EvolveConfig, SkillConfig, TaskConfig
-from evojax_merge.merge.operators import stack_trees
-from evojax_merge.models import llama
-from evojax_merge.run import llm_evolve
-from evojax_merge.strategies.evosax_search import EvosaxSearch
-from evojax_merge.strategies.m2n2 import M2N2, Params as M2N2Params
+from evojax_merge.models import hf_io, llama
+from evojax_merge.run.runner import build
+from evojax_merge.strategies.evosax_adapter import paper_population_size
 
 
 def timed(fn, *args, repeats=1):
@@ -47,85 +48,63 @@ def timed(fn, *args, repeats=1):
     return best
 
 
-def seeds_in_memory(args) -> llm_evolve.Seeds:
-    tokenizer = CharTokenizer()
+def char_tokenizer():
+    """The CharTokenizer's ids as a ``tokenizers.Tokenizer`` (what a model folder stores)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = CharTokenizer()
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2} | {c: i + 3 for i, c in enumerate(chars.alphabet)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return tok
+
+
+def save_random_seeds(root: pathlib.Path, args) -> dict:
+    """A random base and two perturbed 'specialists' as Hugging Face folders (speed does not depend on weights)."""
+    chars = CharTokenizer()
     config = llama.LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+        vocab_size=chars.vocab_size, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32, num_key_value_heads=args.hidden // 64,
-        head_dim=32, eos_token_id=(tokenizer.eos_token_id,), bos_token_id=tokenizer.bos_token_id, pad_token_id=0)
+        head_dim=32, eos_token_id=(chars.eos_token_id,), bos_token_id=chars.bos_token_id, pad_token_id=0)
     base = llama.init_params(config, jax.random.key(0))
-    specialists = [jax.tree.map(lambda x, i=i: x + 0.01 * jax.random.normal(jax.random.key(i), x.shape), base)
-                   for i in (1, 2)]
-    return llm_evolve.Seeds(["a", "b"], [config, config], specialists, base, tokenizer)
+    folders = {}
+    for i, name in enumerate(("base", "a", "b")):
+        model = base if i == 0 else jax.tree.map(lambda x, i=i: x + 0.01 * jax.random.normal(jax.random.key(i), x.shape), base)
+        hf_io.save_hf_folder(root / name, config, model, char_tokenizer())
+        folders[name] = str(root / name)
+    return folders
 
 
-def bench_ps(config: EvolveConfig, seeds, args) -> dict:
-    suite = llm_evolve.suite_for(config, seeds.config, seeds.tokenizer)
-    problem, space = llm_evolve.ps_problem(config, seeds, suite)
-    search = EvosaxSearch("CMA_ES", problem.size, None, 1 / 6)
-    params = search.default_params
-    batch = config.ps.search.batch_size
+def experiment(problem: dict, strategy: dict, per_step_guess: int, batch_size: int | None):
+    run = RunConfig(evaluations=10**6, seeds=[0], log_every=per_step_guess, checkpoint_every=per_step_guess,
+                    generations_per_call=1, batch_size=batch_size)
+    return build(Config(name="bench", problem=problem, strategy=strategy, run=run).validate())
 
-    data = problem.data
 
-    @jax.jit
-    def generation(state, key, batches, data):
-        key_ask, key_tell = jax.random.split(key)
-        genomes, state = search.ask(key_ask, state, params)
-        scores = jax.lax.map(lambda g: suite.scores(problem.realise(g, data), batches), genomes, batch_size=batch)
-        return search.tell(key_tell, genomes, scores, state, params)[0]
-
-    state = search.init(jax.random.key(0), problem.initial, params, sum(suite.sizes(suite.train)))
+def bench(exp, args) -> dict:
+    engine, fitness, test = exp.engine, exp.fitness_data, exp.test_data
+    runs, _ = engine.compile_init()(jax.random.PRNGKey(0)[None], fitness, test)
+    generation = engine.compile_chunk(1, report=False)  # ask + merge + score + tell (what the runner calls
+    # between logged points)
     start = time.perf_counter()
-    state = jax.block_until_ready(generation(state, jax.random.key(1), suite.train, data))
+    runs, _ = jax.block_until_ready(generation(runs, fitness, test))
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    for g in range(args.generations):
-        state = generation(state, jax.random.key(2 + g), suite.train, data)
-    jax.block_until_ready(state)
-    per_s = args.generations * search.population_size / (time.perf_counter() - start)
+    for _ in range(args.generations):
+        runs, _ = generation(runs, fitness, test)
+    jax.block_until_ready(runs)
+    per_s = args.generations * exp.per_step / (time.perf_counter() - start)
 
-    genomes, _ = search.ask(jax.random.key(9), state, params)
-    merge = jax.jit(lambda g, data: jax.lax.map(lambda x: problem.realise(x, data), g, batch_size=batch))
-    score = jax.jit(lambda models, batches: jax.lax.map(lambda m: suite.scores(m, batches), models,
-                                                        batch_size=batch))
-    merge_s = timed(merge, genomes, data, repeats=args.repeats)
-    score_s = timed(score, merge(genomes, data), suite.train, repeats=args.repeats)
-    return {"population": search.population_size, "genome": problem.size, "compile_s": compile_s,
-            "candidates_per_s": per_s, "merge_s": merge_s, "score_s": score_s}
-
-
-def bench_m2n2(config: EvolveConfig, seeds, args) -> dict:
-    suite = llm_evolve.suite_for(config, seeds.config, seeds.tokenizer)
-    strategy = M2N2(15, seeds.models[0], mutation=False)
-    params = M2N2Params(mutation_std=0.0)
-    population = stack_trees(*seeds.models)
-    score_all = jax.vmap(suite.scores, in_axes=(0, None))
-    state = jax.jit(lambda p, b: strategy.init(jax.random.key(0), p, score_all(p, b), params))(population,
-                                                                                               suite.train)
-
-    @jax.jit
-    def step(state, key, batches):
-        key_ask, key_tell = jax.random.split(key)
-        children, state = strategy.ask(key_ask, state, params)
-        return strategy.tell(key_tell, children, score_all(children, batches), state, params)[0]
-
-    start = time.perf_counter()
-    state = jax.block_until_ready(step(state, jax.random.key(1), suite.train))
-    compile_s = time.perf_counter() - start
-    steps = args.generations * 4
-    start = time.perf_counter()
-    for i in range(steps):
-        state = step(state, jax.random.key(2 + i), suite.train)
-    jax.block_until_ready(state)
-    per_s = steps / (time.perf_counter() - start)
-
-    breed = jax.jit(lambda s, k: strategy.ask(k, s, params)[0])
-    children = breed(state, jax.random.key(5))
-    merge_s = timed(breed, state, jax.random.key(5), repeats=args.repeats)
-    score_s = timed(jax.jit(score_all), children, suite.train, repeats=args.repeats)
-    return {"children_per_step": 1, "parameters": strategy.num_dims, "compile_s": compile_s,
-            "candidates_per_s": per_s, "merge_s": merge_s, "score_s": score_s}
+    problem, state = engine.problem, jax.tree.map(lambda x: x[0], runs.strategy_state)
+    candidates, _ = jax.jit(engine.strategy.ask)(jax.random.PRNGKey(9), state, engine.strategy_params)
+    batch = engine.batch_size or 1
+    merge = jax.jit(lambda c, data: jax.lax.map(lambda x: problem.model_of(x, data["models"]), c, batch_size=batch))
+    score = jax.jit(lambda models, data: jax.lax.map(lambda m: problem.suite.scores(m, data["batches"]), models,
+                                                     batch_size=batch))
+    merge_s = timed(merge, candidates, fitness, repeats=args.repeats)
+    score_s = timed(score, merge(candidates, fitness), fitness, repeats=args.repeats)
+    return {"per_step": exp.per_step, "compile_s": compile_s, "candidates_per_s": per_s, "merge_s": merge_s,
+            "score_s": score_s}
 
 
 def main():
@@ -141,24 +120,32 @@ def main():
                         "each skill's generation scorer)")
     args = parser.parse_args()
 
-    config = EvolveConfig(task=TaskConfig(
-        skills=[SkillConfig("arithmetic", "exact_match", args.points, 1),
-                SkillConfig("list_ops", "prefix_match", args.points, 1)],
-        max_new_tokens=args.new_tokens, fitness_kind=args.fitness_kind)).validate()
-    config.ps.search.batch_size = args.batch_size
-    seeds = seeds_in_memory(args)
-    n_params = sum(x.size for x in jax.tree.leaves(seeds.models[0]))
-    scoring = f"fitness {args.fitness_kind}" if args.fitness_kind else f"{args.new_tokens} new tokens"
-    print(f"model: {args.layers} layers, hidden {args.hidden}, {n_params / 1e6:.2f}M parameters; "
-          f"{2 * args.points} training problems, {scoring}; devices {jax.devices()}")
-    results = {}
-    for name, bench in [("PS (CMA-ES, DARE-TIES genes)", bench_ps), ("M2N2 (archive 15)", bench_m2n2)]:
-        r = bench(config, seeds, args)
-        results[name] = r
-        share = r["merge_s"] / (r["merge_s"] + r["score_s"])
-        print(f"{name}: {r['candidates_per_s']:.2f} candidates/s (compile {r['compile_s']:.1f} s); "
-              f"merging {r['merge_s'] * 1e3:.1f} ms vs scoring {r['score_s'] * 1e3:.1f} ms per "
-              f"{'population' if 'population' in r else 'child'} -> merging is {100 * share:.1f}% of the time")
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = save_random_seeds(pathlib.Path(tmp), args)
+        task = {"skills": [{"skill": "arithmetic", "kind": "exact_match", "n_train": args.points, "n_test": 1},
+                           {"skill": "list_ops", "kind": "prefix_match", "n_train": args.points, "n_test": 1}],
+                "max_new_tokens": args.new_tokens, "fitness_kind": args.fitness_kind}
+        seeds = {"models": [folders["a"], folders["b"]], "base": folders["base"]}
+        searches = {
+            "PS (CMA-ES, DARE-TIES genes)": experiment(
+                {"name": "llm_recipe", "seeds": seeds, "task": task, "score_seeds": False},
+                {"name": "evosax:CMA_ES", "sigma_init": 1 / 6},
+                paper_population_size(2 * (args.layers + 2) * 2), args.batch_size),  # 2 models x layers x 2 genes
+            "M2N2 (archive 15)": experiment(
+                {"name": "llm_models", "seeds": seeds, "task": task, "score_seeds": False},
+                {"name": "m2n2", "archive_size": 15, "mutation_std": 0.0}, 1, None),
+        }
+        n_params = sum(x.size for x in jax.tree.leaves(searches["M2N2 (archive 15)"].problem.template))
+        scoring = f"fitness {args.fitness_kind}" if args.fitness_kind else f"{args.new_tokens} new tokens"
+        print(f"model: {args.layers} layers, hidden {args.hidden}, {n_params / 1e6:.2f}M parameters; "
+              f"{2 * args.points} training problems, {scoring}; devices {jax.devices()}")
+        results = {}
+        for name, exp in searches.items():
+            r = results[name] = bench(exp, args)
+            share = r["merge_s"] / (r["merge_s"] + r["score_s"])
+            print(f"{name}: {r['candidates_per_s']:.2f} candidates/s (compile {r['compile_s']:.1f} s); "
+                  f"merging {r['merge_s'] * 1e3:.1f} ms vs scoring {r['score_s'] * 1e3:.1f} ms per "
+                  f"{r['per_step']} candidate(s) -> merging is {100 * share:.1f}% of the time")
     print(f"candidates_per_s: {results['PS (CMA-ES, DARE-TIES genes)']['candidates_per_s']:.3f}")
 
 

@@ -107,8 +107,11 @@ class Engine:
         return int(jax.tree.leaves(candidates)[0].shape[0])
 
     # -------------------------------------------------------------------------------- compiled calls
-    def compile_chunk(self, num_steps: int, mesh=None, donate_runs: bool = False):
+    def compile_chunk(self, num_steps: int, mesh=None, donate_runs: bool = False, report: bool = True):
         """A jitted ``(runs, fitness, test) -> (runs, report)`` advancing a batch of runs by ``num_steps``.
+
+        ``report=False``: the report is None (a call inside a logged interval: the test split, often far
+        larger than one generation's work, is scored only at logged points).
 
         With a runs ``mesh`` (:mod:`evojax_merge.run.sharding`) the seed axis of runs and report is split
         over its devices and the data replicated; without one, everything is on the default device.
@@ -118,7 +121,7 @@ class Engine:
 
         def chunk(run, fitness, test):
             run = self.advance(run, fitness, num_steps)
-            return run, self.report(run, test)
+            return run, self.report(run, test) if report else None
 
         return _jit_over_runs(jax.vmap(chunk, in_axes=(0, None, None)), mesh, donate_runs)
 
@@ -131,9 +134,10 @@ class Engine:
 
         return _jit_over_runs(jax.vmap(init, in_axes=(0, None, None)), mesh)
 
-    def population_mesh_step(self, mesh):
+    def population_mesh_step(self, mesh, report: bool = True):
         """``(runs, fitness, test) -> (runs, report)`` of one generation of one run (seed axis of 1) whose
-        candidates are scored over a population x model ``mesh`` (see the module docstring)."""
+        candidates are scored over a population x model ``mesh`` (see the module docstring); ``report``:
+        as for :meth:`compile_chunk`."""
         from evojax_merge.run.population_sharding import population_map
 
         batch = self.batch_size or 1
@@ -143,7 +147,7 @@ class Engine:
         ask = jax.jit(lambda key, state: self.strategy.ask(key, state, params))
         tell = jax.jit(lambda key, c, scores, state: self.strategy.tell(key, c, scores, state, params)[0])
         split = jax.jit(lambda key: jax.random.split(key, 3))
-        report = jax.jit(self.report)
+        report_of = jax.jit(self.report)
 
         def step(runs, fitness, test):
             run = jax.tree.map(lambda x: x[0], runs)
@@ -154,7 +158,7 @@ class Engine:
             scores = jax.device_put(scores, jax.tree.leaves(candidates)[0].sharding)
             state = tell(key_tell, candidates, scores, state)
             run = RunState(state, key, run.evaluations + scores.shape[0])
-            return jax.tree.map(lambda x: x[None], (run, report(run, test)))
+            return jax.tree.map(lambda x: x[None], (run, report_of(run, test) if report else None))
 
         return step
 

@@ -124,18 +124,20 @@ def run(experiment: Experiment, run_dir: pathlib.Path, resume: bool = False, pro
     if config.run.mesh is not None:
         from evojax_merge.run.population_sharding import population_model_mesh
 
-        mesh = None
+        mesh, population_mesh = None, population_model_mesh(*config.run.mesh)
         init = engine.compile_init()
-        step = engine.population_mesh_step(population_model_mesh(*config.run.mesh))
-        chunks = {n: [step] * n for n in set(schedule)}  # one generation per call on the mesh
+        step, last = (engine.population_mesh_step(population_mesh, report=r) for r in (False, True))
+        chunks = {n: [(step, 1)] * (n - 1) + [(last, 1)] for n in set(schedule)}  # one generation per call
     else:
         mesh = runs_mesh(config.run.devices)
         check_divisible(len(seeds), config.run.devices)
         init = engine.compile_init(mesh)
         # Donated: each call's runs replace the last (a checkpoint save has finished before the next call).
-        per_call = {m for n in set(schedule) for m in calls(n, config.run.generations_per_call)}
-        compiled = {m: engine.compile_chunk(m, mesh, donate_runs=True) for m in per_call}
-        chunks = {n: [compiled[m] for m in calls(n, config.run.generations_per_call)] for n in set(schedule)}
+        # Only the last call of a logged interval reports (scores the test split).
+        plans = {n: calls(n, config.run.generations_per_call) for n in set(schedule)}
+        wanted = {(m, i == len(p) - 1) for p in plans.values() for i, m in enumerate(p)}
+        compiled = {(m, r): engine.compile_chunk(m, mesh, donate_runs=True, report=r) for m, r in wanted}
+        chunks = {n: [(compiled[m, i == len(p) - 1], m) for i, m in enumerate(p)] for n, p in plans.items()}
     runs_sharding, data_sharding = run_shardings(mesh)
     fitness, test = place((experiment.fitness_data, experiment.test_data), data_sharding)
     seed_keys = place(jnp.stack([jax.random.PRNGKey(s) for s in seeds]), runs_sharding)
@@ -181,9 +183,9 @@ def run(experiment: Experiment, run_dir: pathlib.Path, resume: bool = False, pro
     with _StopOnSignal() as stop:
         try:
             while log_index < len(schedule):
-                for chunk in chunks[schedule[log_index]]:
+                for chunk, generations in chunks[schedule[log_index]]:
                     runs, report = chunk(runs, fitness, test)
-                    bar.update(int(np.asarray(report["evaluations"])[0]) - bar.n)
+                    bar.update(generations * experiment.per_step)
                 log_index += 1
                 for k, v in report.items():
                     history[k][log_index] = np.asarray(v)
