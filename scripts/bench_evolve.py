@@ -48,17 +48,6 @@ def timed(fn, *args, repeats=1):
     return best
 
 
-def char_tokenizer():
-    """The CharTokenizer's ids as a ``tokenizers.Tokenizer`` (what a model folder stores)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    chars = CharTokenizer()
-    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2} | {c: i + 3 for i, c in enumerate(chars.alphabet)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return tok
-
-
 def save_random_seeds(root: pathlib.Path, args) -> dict:
     """A random base and two perturbed 'specialists' as Hugging Face folders (speed does not depend on weights)."""
     chars = CharTokenizer()
@@ -70,7 +59,7 @@ def save_random_seeds(root: pathlib.Path, args) -> dict:
     folders = {}
     for i, name in enumerate(("base", "a", "b")):
         model = base if i == 0 else jax.tree.map(lambda x, i=i: x + 0.01 * jax.random.normal(jax.random.key(i), x.shape), base)
-        hf_io.save_hf_folder(root / name, config, model, char_tokenizer())
+        hf_io.save_hf_folder(root / name, config, model, chars.to_tokenizers())
         folders[name] = str(root / name)
     return folders
 

@@ -93,6 +93,21 @@ class TaskOptions:
 
 
 @dataclasses.dataclass
+class LanguageModelOptions:
+    """The options every language-model problem has (its own section adds to them)."""
+
+    seeds: SeedsOptions = dataclasses.field(default_factory=SeedsOptions)
+    task: TaskOptions = dataclasses.field(default_factory=TaskOptions)
+    score_seeds: bool = True  # also score every seed model on the test split (summary "baselines")
+
+    def validate(self):
+        self.seeds.validate()
+        self.task.validate()
+        check(not self.task.from_manifest or self.seeds.manifest is not None, "problem.task.from_manifest",
+              "needs problem.seeds.manifest (the seeds.json whose fitness and test splits it reads)")
+
+
+@dataclasses.dataclass
 class Seeds:
     """The seed models of a search (model A first), their base and model A's tokenizer."""
 
@@ -150,8 +165,6 @@ def build_task_suite(task: TaskOptions, seeds: SeedsOptions, model_config: llama
     """The task: the manifest's fitness and test splits when ``task.from_manifest``, else data generated
     from ``task.skills``."""
     if task.from_manifest:
-        check(seeds.manifest is not None, "problem.task.from_manifest",
-              "needs problem.seeds.manifest (the seeds.json whose fitness and test splits it reads)")
         manifest = manifest_of(seeds)
         try:
             fitness = manifest.tasks("fitness", task.n_fitness)

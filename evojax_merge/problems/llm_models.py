@@ -20,18 +20,14 @@ from evojax_merge.config import check, options
 from evojax_merge.merge.operators import stack_trees
 from evojax_merge.models import hf_io
 from evojax_merge.tasks.kinds import NONNEGATIVE_KINDS
-from evojax_merge.problems.llm import LanguageModelProblem, SeedsOptions, TaskOptions, build_task_suite, load_seeds
+from evojax_merge.problems.llm import LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds
 
 
 @dataclasses.dataclass
-class LLMModelsOptions:
-    seeds: SeedsOptions = dataclasses.field(default_factory=SeedsOptions)
-    task: TaskOptions = dataclasses.field(default_factory=TaskOptions)
-    score_seeds: bool = True  # also score every seed model on the test split (summary "baselines")
+class LLMModelsOptions(LanguageModelOptions):
 
     def validate(self):
-        self.seeds.validate()
-        self.task.validate()
+        super().validate()
         # M2N2's competition divides each point's score by the archive's total there: scores must be >= 0.
         check(self.task.fitness_kind in (None, *NONNEGATIVE_KINDS), "problem.task.fitness_kind",
               "cannot be 'loglik' (negative scores) with whole-model candidates: M2N2's competition needs "

@@ -26,7 +26,7 @@ from evojax_merge.errors import ConfigError
 from evojax_merge.files import write_yaml
 from evojax_merge.merge import dataflow, path_io
 from evojax_merge.models import hf_io, llama
-from evojax_merge.problems.llm import DTYPES, LanguageModelProblem, SeedsOptions, TaskOptions, build_task_suite, load_seeds
+from evojax_merge.problems.llm import DTYPES, LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds
 
 
 @dataclasses.dataclass
@@ -42,17 +42,13 @@ class PathOptions:
 
 
 @dataclasses.dataclass
-class LLMPathOptions:
-    seeds: SeedsOptions = dataclasses.field(default_factory=SeedsOptions)
-    task: TaskOptions = dataclasses.field(default_factory=TaskOptions)
+class LLMPathOptions(LanguageModelOptions):
     path: PathOptions = dataclasses.field(default_factory=PathOptions)
     # A Hugging Face folder put first in the pool as model A (PS + DFS: the PS run's best/model); null: none.
     first_model: str | None = None
-    score_seeds: bool = True  # also score every seed model on the test split (summary "baselines")
 
     def validate(self):
-        self.seeds.validate()
-        self.task.validate()
+        super().validate()
         p = self.path
         check(p.repeats >= 1, "problem.path.repeats", "must be >= 1")
         check(p.max_hops is None or p.max_hops >= 2, "problem.path.max_hops", "must be >= 2 (or null)")

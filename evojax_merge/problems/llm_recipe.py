@@ -27,7 +27,7 @@ from evojax_merge.merge.names import FAMILIES
 from evojax_merge.merge.operators import get_method, stack_trees
 from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_genome
 from evojax_merge.models import hf_io
-from evojax_merge.problems.llm import LanguageModelProblem, SeedsOptions, TaskOptions, build_task_suite, load_seeds
+from evojax_merge.problems.llm import LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds
 
 
 @dataclasses.dataclass
@@ -44,15 +44,11 @@ class RecipeOptions:
 
 
 @dataclasses.dataclass
-class LLMRecipeOptions:
-    seeds: SeedsOptions = dataclasses.field(default_factory=SeedsOptions)
-    task: TaskOptions = dataclasses.field(default_factory=TaskOptions)
+class LLMRecipeOptions(LanguageModelOptions):
     recipe: RecipeOptions = dataclasses.field(default_factory=RecipeOptions)
-    score_seeds: bool = True  # also score every seed model on the test split (summary "baselines")
 
     def validate(self):
-        self.seeds.validate()
-        self.task.validate()
+        super().validate()
         check(len(self.recipe.genes) >= 1, "problem.recipe.genes", "must list at least one gene")
         check(self.recipe.layer_group >= 1, "problem.recipe.layer_group", "must be >= 1")
 

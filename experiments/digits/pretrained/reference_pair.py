@@ -2,7 +2,7 @@
 
 The paper's reference code draws both seed models once, from PRNG key 42 (split in two), as flat
 N(0, 0.01^2) vectors laid out [W1 (64 x 256, row-major), b1, W2 (256 x 10), b2], and pre-trains them
-the same way as ``model.pretrained_class_groups`` does. JAX changed its random bits in 0.5
+the same way as ``problem.model.pretrained_class_groups`` does. JAX changed its random bits in 0.5
 (``jax_threefry_partitionable`` became the default), so the pair of the paper's era needs that flag off.
 This script maps those two vectors into this project's MLP pytree, pre-trains them with
 :func:`evojax_merge.models.pretrain.specialist_seed_models` and prints the brute-force SLERP line of
@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from evojax_merge.config import load_config
-from evojax_merge.data import load_dataset
 from evojax_merge.models.mlp import MLP
 from evojax_merge.models.pretrain import specialist_seed_models
+from evojax_merge.run.runner import build
 from evojax_merge.run.slerp_line import choose_by_training, slerp_line_accuracies
-from evojax_merge.tasks.classification import class_membership, classification_scores
+from evojax_merge.tasks.classification import class_membership
 
 
 def reference_layout_models(model: MLP, num_features: int, key: jax.Array, num_models: int):
@@ -44,23 +44,22 @@ def reference_layout_models(model: MLP, num_features: int, key: jax.Array, num_m
 
 
 def main():
-    config = load_config("experiments/digits/pretrained/m2n2.yaml")
-    data = load_dataset("digits")
-    train = (jnp.asarray(data.train.x), jnp.asarray(data.train.y))
-    test = (jnp.asarray(data.test.x), jnp.asarray(data.test.y))
-    model = MLP(tuple(config.model.hidden_sizes), data.num_classes, config.model.init_std)
-    membership = class_membership(data.train.y, config.model.pretrained_class_groups, "model.pretrained_class_groups")
-    score_fn = classification_scores(model.logits)
+    experiment = build(load_config("experiments/digits/pretrained/m2n2.yaml"))
+    problem, options = experiment.problem, experiment.problem.options.model
+    data, model = problem.dataset, problem.model
+    train, test = experiment.fitness_data, experiment.test_data
+    membership = class_membership(data.train.y, options.pretrained_class_groups, "problem.model.pretrained_class_groups")
+    score_fn = problem.score
     ratios = jnp.linspace(0.0, 1.0, 1001)
     for partitionable in (False, True):
         jax.config.update("jax_threefry_partitionable", partitionable)
-        models = reference_layout_models(model, data.num_features, jax.random.PRNGKey(config.model.init_seed), 2)
+        models = reference_layout_models(model, data.num_features, jax.random.PRNGKey(options.init_seed), 2)
         models = specialist_seed_models(
-            model.logits, models, train, membership, config.model.pretrain_steps, config.model.pretrain_lr
+            model.logits, models, train, membership, options.pretrain_steps, options.pretrain_lr
         )
         first, second = (jax.tree.map(lambda x: x[i], models) for i in (0, 1))
         seeds = [float(score_fn(m, test).mean()) for m in (first, second)]
-        line = choose_by_training(ratios, *slerp_line_accuracies(score_fn, first, second, train, test, ratios))
+        line = choose_by_training(ratios, *slerp_line_accuracies(problem, first, second, train, test, ratios))
         print(
             f"jax_threefry_partitionable={partitionable}: seed test accuracies {100 * seeds[0]:.1f}% / "
             f"{100 * seeds[1]:.1f}%; brute-force SLERP: ratio {line['ratio']:.3f}, train "
