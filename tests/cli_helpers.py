@@ -82,3 +82,20 @@ def final_results(run_dir):
             with np.load(run_dir / relative) as saved:
                 candidates[str(relative)] = {k: saved[k].tobytes() for k in saved.files}
     return (run_dir / "metrics.csv").read_text(), summary, candidates
+
+
+def assert_refused(result, *mentions, absent=()):
+    """The fault-suite contract for bad input: exit status 2, exactly one line on stderr (no traceback),
+    the line names each of ``mentions`` (the file, the key), and none of the ``absent`` paths exists
+    (nothing of the run or the output left behind)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # JAX / absl may log warnings on stderr before our line; the error itself must be one line at the end.
+    errors = [line for line in lines if line.startswith("evojax-merge: error:")]
+    assert result.returncode == 2, f"exit {result.returncode}, stderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and lines[-1] == errors[0], f"not one error line at the end:\n{result.stderr}"
+    for mention in mentions:
+        assert str(mention) in errors[0], f"{mention!r} not named in: {errors[0]}"
+    for path in absent:
+        assert not pathlib.Path(path).exists(), f"{path} left behind after: {errors[0]}"
+    return errors[0]
