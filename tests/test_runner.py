@@ -176,3 +176,11 @@ def test_a_save_is_not_reported_as_waiting_for_the_one_before(tmp_path, monkeypa
     checkpoints.close()
     assert not [r for r in caplog.records if "previous save" in r.getMessage()]
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+
+
+def test_a_budget_the_warm_up_would_eat_is_a_config_error():
+    # 2 seeds, then 300 warm-up merges at one child a step: 302 evaluations leave no step of M2N2 proper.
+    with pytest.raises(ConfigError, match=r"run.evaluations.*must be >= 303.*strategy.warmup"):
+        runner.build(small_config("strategy.warmup=300", "run.evaluations=302", "run.log_every=1",
+                                  "run.checkpoint_every=1"))
+    assert runner.build(small_config("strategy.warmup=300", "run.log_every=1", "run.checkpoint_every=1"))

@@ -88,6 +88,14 @@ def build(config: Config) -> Experiment:
           f"must be a multiple of the {per_step} evaluations of one generation")
     check(run.evaluations >= engine.seed_cost + per_step, "run.evaluations",
           f"must leave at least one generation ({per_step}) after the {engine.seed_cost} seed evaluations")
+    warmup_steps = getattr(strategy, "warmup_steps", 0)
+    if warmup_steps:
+        # A budget the warm-up eats whole would end without one step of the strategy proper, and report
+        # its random merges as the strategy's result.
+        needed = engine.seed_cost + (warmup_steps + 1) * per_step
+        check(run.evaluations >= needed, "run.evaluations",
+              f"must be >= {needed}: the {engine.seed_cost} seed evaluations, the warm-up's "
+              f"{warmup_steps * per_step} random merges (strategy.warmup) and one generation after them")
     if run.mesh is not None:
         from evojax_merge.run.population_sharding import check_population_divisible, population_model_mesh
 
