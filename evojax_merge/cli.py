@@ -24,7 +24,10 @@ from evojax_merge.errors import EvojaxMergeError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evojax_merge import __version__
+
     parser = argparse.ArgumentParser(prog="evojax-merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"evojax-merge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name in ("run", "evolve"):

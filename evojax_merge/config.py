@@ -18,6 +18,7 @@ is written into each run directory: ``evojax-merge run RUN_DIR/config.yaml`` rep
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import re
 import types
@@ -55,6 +56,7 @@ class RunConfig:
         check(self.evaluations >= 1, "run.evaluations", "must be >= 1")
         check(len(self.seeds) >= 1, "run.seeds", "must list at least one seed")
         check(len(set(self.seeds)) == len(self.seeds), "run.seeds", "must not repeat a seed")
+        check(all(0 <= s < 2**32 for s in self.seeds), "run.seeds", "must be integers from 0 to 2**32 - 1 (random keys)")
         check(self.log_every >= 1, "run.log_every", "must be >= 1")
         check(self.checkpoint_every >= 1 and self.checkpoint_every % self.log_every == 0, "run.checkpoint_every",
               f"must be a positive multiple of run.log_every ({self.log_every})")
@@ -81,7 +83,8 @@ class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
-        check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        check(_NAME.match(self.name) is not None and self.name not in (".", ".."), "name",
+              f"must be a non-empty file name of letters, digits and . _ + = - (it names the run directory), got {self.name!r}")
         for section in ("problem", "strategy"):
             spec = getattr(self, section)
             check(isinstance(spec.get("name"), str) and spec["name"] != "", f"{section}.name",
@@ -115,6 +118,7 @@ def options(cls, spec: dict[str, Any], section: str):
 
 
 # YAML 1.1 (PyYAML) reads 1e-3 as a string: only 1.0e-3 is a float there. Users write 1e-3.
+_NAME = re.compile(r"[\w.+=-]+\Z")
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -123,7 +127,7 @@ def from_dict(cls, data: Any, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=repr)  # YAML keys may be numbers or null too
     if unknown:
         where = f"in '{prefix}' " if prefix else ""
         raise ConfigError(f"unknown config key {where}{unknown[0]!r}; known keys: {', '.join(fields)}")
@@ -164,11 +168,19 @@ def _coerce(hint, value, key: str):
     if hint is bool and isinstance(value, bool):
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        if not -2**63 <= value < 2**63:
+            raise ConfigError(f"config key '{key}' must fit in a 64-bit integer, got {value}")
         return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str) and _FLOAT.match(value.strip()):
-        return float(value)
+    if hint is float and not isinstance(value, bool) and (isinstance(value, (int, float))
+                                                         or isinstance(value, str) and _FLOAT.match(value.strip())):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        # YAML reads .nan / .inf as floats; no option means them, and a NaN would poison a whole run.
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if hint is str and isinstance(value, str):
         return value
     raise ConfigError(f"config key '{key}' must be of type {hint.__name__}, got {value!r}")
@@ -182,24 +194,38 @@ def read_yaml_with_overrides(path: str | pathlib.Path | None, overrides: list[st
     if path is not None:
         path = pathlib.Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from e
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+            raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} nests too deeply") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for override in overrides:
         key, sep, raw = override.partition("=")
-        if not sep or not key:
+        parts = key.split(".")
+        if not sep or not all(parts):
             raise ConfigError(f"override {override!r} must look like section.key=value")
         node = data
-        *parents, leaf = key.split(".")
+        *parents, leaf = parts
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: '{part}' is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML: {_one_line(e)}") from None
     return data
 
 
+def _one_line(error: yaml.YAMLError) -> str:
+    """PyYAML's message (several lines, with a quoted excerpt) as one line with the position."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())

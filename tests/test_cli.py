@@ -90,3 +90,14 @@ def test_merge_is_a_subcommand(tmp_path):
     missing = cli("merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"))
     assert missing.returncode == 2 and "recipe.yaml" in missing.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_version_prints_the_package_version(capsys):
+    import pytest
+    import evojax_merge
+    from evojax_merge.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"evojax-merge {evojax_merge.__version__}"
