@@ -18,27 +18,58 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterable
 
-import ml_dtypes
 import numpy as np
 
 from evojax_merge.errors import DataError
 
-DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+class _Dtypes(Mapping):
+    """safetensors dtype name -> NumPy dtype, built on first use: importing ml_dtypes (for bfloat16)
+    takes about a second, which a merge refused for its recipe or output path should not wait for."""
+
+    def __init__(self, build):
+        self._build = build
+        self._table: dict | None = None
+
+    def _get(self) -> dict:
+        if self._table is None:
+            self._table = self._build()
+        return self._table
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self):
+        return len(self._get())
+
+
+def _dtype_table() -> dict[str, np.dtype]:
+    import ml_dtypes
+
+    return {
+        "F64": np.dtype(np.float64),
+        "F32": np.dtype(np.float32),
+        "F16": np.dtype(np.float16),
+        "BF16": np.dtype(ml_dtypes.bfloat16),
+        "I64": np.dtype(np.int64),
+        "I32": np.dtype(np.int32),
+        "I16": np.dtype(np.int16),
+        "I8": np.dtype(np.int8),
+        "U8": np.dtype(np.uint8),
+        "BOOL": np.dtype(np.bool_),
+    }
+
+
+DTYPES = _Dtypes(_dtype_table)
+DTYPE_NAMES = _Dtypes(lambda: {v: k for k, v in DTYPES.items()})
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024  # a larger header means a corrupt file, not a model
@@ -76,8 +107,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             (header_len,) = struct.unpack("<Q", raw)
             if header_len > min(_MAX_HEADER, size - 8):
                 raise ValueError(f"header length {header_len} exceeds the file")
-            header = json.loads(f.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as err:
+            header_bytes = f.read(header_len)
+        try:
+            header = json.loads(header_bytes)
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(f"its header is not valid JSON, the file is garbled ({err})") from None
+    except OSError as err:
+        raise DataError(f"cannot read safetensors file {path}: {err.strerror or err}") from None
+    except ValueError as err:
         raise DataError(f"cannot read safetensors file {path}: {err}") from None
     if not isinstance(header, dict):
         raise DataError(f"cannot read safetensors file {path}: header is not a JSON object")
@@ -95,7 +132,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if dtype not in DTYPES:
             raise DataError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
-        if end - begin != nbytes or data_start + end > size:
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes or data_start + end > size:
             raise DataError(f"{path}: tensor {name!r} data is truncated or inconsistent with its shape")
         out[name] = TensorInfo(path, dtype, shape, data_start + begin, nbytes)
     return out
@@ -141,6 +178,49 @@ class BufferPool:
                     self._free.setdefault((a.shape, a.dtype), []).append(a)
 
 
+def check_finite(array: np.ndarray, name: str, file: Path) -> None:
+    """Refuses a floating-point tensor holding NaN or infinity, naming the file and the tensor.
+
+    One reduction over the tensor (a sum, which any NaN or infinity turns non-finite); only when it is
+    not finite (also when finite values overflow the sum) is the tensor searched entry by entry.
+    """
+    if array.dtype.kind != "f" and array.dtype != DTYPES["BF16"]:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sum(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
+    if np.isfinite(total):
+        return
+    bad = ~np.isfinite(array.astype(np.float32, copy=False) if array.dtype == DTYPES["BF16"] else array)
+    count = int(np.count_nonzero(bad))
+    if not count:
+        return
+    where = np.unravel_index(int(np.argmax(bad.reshape(-1))), array.shape)
+    value = array[where]
+    raise DataError(
+        f"{file}: tensor {name!r} holds {count} non-finite value{'s' if count > 1 else ''} (the first,"
+        f" {float(value)}, at index {[int(i) for i in where]}); the model is broken and would spread"
+        " NaN / infinity into the merge")
+
+
+def _check_config(config: object, config_path: Path) -> None:
+    """A transformers model config of an architecture that can be merged tensor by tensor."""
+    if not isinstance(config, dict):
+        raise DataError(f"{config_path} is not a model config: it holds a JSON {type(config).__name__},"
+                        " not an object")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise DataError(f"{config_path}: unsupported architecture: no model_type, so this is not a"
+                        " Hugging Face transformers model config")
+    archs = config.get("architectures", [])
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise DataError(f"{config_path}: architectures must be a list of class names, got {archs!r}")
+    quant = config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise DataError(f"{config_path}: unsupported architecture: the model is quantized ({method}); merge"
+                        " the unquantized weights")
+
+
 class Checkpoint:
     """A Hugging Face model folder: config.json plus one or several safetensors files.
 
@@ -148,7 +228,8 @@ class Checkpoint:
       path: the folder.
 
     Raises:
-      DataError: missing folder, config or weights, unreadable or inconsistent files.
+      DataError: missing folder, config or weights, unreadable or inconsistent files, a config that is
+        not a transformers model config or describes a quantized model.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -159,27 +240,42 @@ class Checkpoint:
                 " download Hub models first)"
             )
         config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise DataError(f"model folder {self.path} has no config.json (not a Hugging Face model folder)")
         try:
-            self.config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read {config_path}: {err}") from None
-        self.tensors = self._index()
+            self.config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"cannot read {config_path}: {getattr(err, 'strerror', None) or err}") from None
+        except ValueError as err:
+            raise DataError(f"{config_path} is not valid JSON: {err}") from None
+        _check_config(self.config, config_path)
         self._handles: dict[Path, object] = {}
+        self.tensors = self._index()
 
     def _index(self) -> dict[str, TensorInfo]:
         index_path = self.path / INDEX_FILE
         if index_path.exists():
             try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and "/" not in f and f not in (".", "..") for f in weight_map.values()
+                ):
+                    raise ValueError("weight_map must map tensor names to file names in the folder")
             except (OSError, ValueError, KeyError, TypeError) as err:
-                raise DataError(f"cannot read {index_path}: {err}") from None
+                raise DataError(f"cannot read {index_path}: {type(err).__name__}: {err}") from None
             files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (self.path / name).is_file():
+                    raise DataError(f"shard {self.path / name} listed in {index_path} is missing")
         elif (self.path / SINGLE_FILE).exists():
             weight_map, files = None, [SINGLE_FILE]
         else:
             found = sorted(p.name for p in self.path.glob("*.safetensors"))
             if not found:
-                raise DataError(f"no safetensors weights in {self.path}")
+                other = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+                hint = (f" (only {', '.join(other[:3])}: convert the weights to safetensors first)"
+                        if other else "")
+                raise DataError(f"no safetensors weights (model.safetensors or {INDEX_FILE}) in {self.path}{hint}")
             weight_map, files = None, found
         tensors: dict[str, TensorInfo] = {}
         for name in files:
@@ -201,7 +297,8 @@ class Checkpoint:
           pool: optional :class:`BufferPool` to take the (page-aligned) buffer from.
 
         Raises:
-          DataError: the tensor is missing or its bytes cannot be read.
+          DataError: the tensor is missing, its bytes cannot be read, or it holds NaN or infinity
+            (checked here, as each tensor is read, so that a merge reads every byte once).
         """
         try:
             info = self.tensors[name]
@@ -219,6 +316,7 @@ class Checkpoint:
             raise DataError(f"cannot read tensor {name!r} from {info.file}: {err}") from None
         if got != info.nbytes:
             raise DataError(f"tensor {name!r} in {info.file} is truncated")
+        check_finite(out, name, info.file)
         return out
 
     def close(self) -> None:

@@ -40,15 +40,20 @@ def add_merge_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    """Runs the merge command; returns the exit status (2 on user errors, with a one-line message)."""
+    """Runs the merge command; returns the exit status.
+
+    User errors (:class:`EvojaxMergeError`) propagate: the caller prints them as one line and exits with
+    status 2 (the top-level ``evojax-merge`` CLI and :func:`main` do). Ctrl-C returns 130 after the
+    partial output is removed.
+    """
     try:
         stats = merge_checkpoints(
             args.recipe, args.out, max_shard_size=args.max_shard_size,
             overwrite=args.overwrite, verbose=args.verbose,
         )
-    except EvojaxMergeError as err:
-        print(f"evojax-merge merge: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"evojax-merge: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
     gb = stats["bytes_read"] / 1e9
     print(
         f"merged {int(stats['tensors'])} tensors into {args.out} in {stats['seconds']:.2f} s"
@@ -60,7 +65,12 @@ def run_merge(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: ``python -m evojax_merge.merge.cli RECIPE.yaml --out DIR``."""
     parser = add_merge_arguments(argparse.ArgumentParser(prog="evojax-merge merge", description=__doc__))
-    return run_merge(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run_merge(args)
+    except EvojaxMergeError as err:
+        print(f"evojax-merge: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,14 @@ the model or slice), or a list of ``{filter: SUBSTRING, value: ...}`` entries wh
 filter is a substring of the tensor name applies and an entry without filter is the default. Precedence,
 highest first: slice source parameters, slice parameters, model parameters, global parameters.
 Tensors outside the layers evaluate gradients at their start (embeddings) or end (final norm, head).
-``lambda`` is spelled ``lambda_`` in Python.
+``lambda`` is spelled ``lambda_`` in Python. Numbers may be written ``1e-3`` (YAML 1.1 reads that as a
+string; it is accepted as the number it means).
+
+Every mistake is a :class:`ConfigError` whose one-line message names the recipe file and the key:
+unknown keys at any level, parameters no method (or not this method) uses, values of the wrong type,
+fractions outside [0, 1], non-finite numbers, negative ``multislerp`` weights. :func:`check_folders`
+checks that the model folders exist (the merge command calls it; :func:`parse_recipe` alone does not
+touch the disk beyond the recipe).
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from evojax_merge.config import _FLOAT, _one_line
 from evojax_merge.errors import ConfigError
 from evojax_merge.merge.names import tensor_layer
-from evojax_merge.merge.registry import RESCALE_CONVENTIONS, MethodSpec, get_spec
+from evojax_merge.merge.registry import RESCALE_CONVENTIONS, SPECS, MethodSpec, get_spec
 
 # Parameters holding a fraction: outside [0, 1] is an error in a recipe file.
 FRACTIONS = ("density", "t", "gamma", "epsilon")
@@ -46,6 +54,14 @@ KNOWN_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "name", "chat_template", "random_seed", "seed",
 }
+MODEL_KEYS = {"model", "parameters"}
+SLICE_KEYS = {"sources", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+TOKENIZER_KEYS = {"source"}
+# mergekit's memory trick, meaningless here: accepted and ignored.
+IGNORED_PARAMETERS = ("int8_mask",)
+# Every parameter some method takes (a name outside it is a typo, whatever the method).
+ALL_PARAMETERS = sorted({p for spec in SPECS.values() for p in spec.per_model + spec.options})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +99,9 @@ class Recipe:
     seed: int
     text: str
     uses_slices: bool
+    path: str = ""
+    # (recipe key, folder) of every model folder the recipe names, tokenizer_source included.
+    folders: tuple[tuple[str, str], ...] = ()
 
     @property
     def models(self) -> list[str]:
@@ -95,52 +114,88 @@ class Recipe:
         return seen
 
 
-def _check_value(value: Any, where: str) -> None:
-    """Checks a parameter's value recursively; fractions must be in [0, 1]."""
+def _number(value: Any) -> Any:
+    """``1e-3`` written in YAML (a string for YAML 1.1) as the float it means; anything else unchanged."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _check_value(value: Any, where: str, method: MethodSpec) -> Any:
+    """Checks a parameter's value recursively and returns it with numbers written ``1e-3`` as floats.
+
+    Fractions must be in [0, 1]; multislerp's barycentric weights must not be negative.
+    """
     name = where.rsplit(".", 1)[-1]
     if isinstance(value, list):
         if value and all(isinstance(v, dict) for v in value):
+            out = []
             for i, entry in enumerate(value):
+                unknown = sorted(map(str, set(entry) - {"filter", "value"}))
+                if unknown:
+                    raise ConfigError(f"{where}[{i}]: unknown key {unknown[0]!r} (a filtered value has"
+                                      " 'filter' and 'value')")
                 if "value" not in entry:
                     raise ConfigError(f"{where}[{i}]: a filtered parameter needs a 'value'")
-                _check_value(entry["value"], f"{where}[{i}].{name}")
-            return
+                if "filter" in entry and not isinstance(entry["filter"], (str, int)):
+                    raise ConfigError(f"{where}[{i}].filter: expected a tensor name substring, got {entry['filter']!r}")
+                out.append({**entry, "value": _check_value(entry["value"], f"{where}[{i}].{name}", method)})
+            return out
         if not value:
             raise ConfigError(f"{where}: empty gradient list")
-        for v in value:
-            _check_value(v, where)
-        return
+        return [_check_value(v, where, method) for v in value]
     if name in OPTION_TYPES:
         if not isinstance(value, OPTION_TYPES[name]):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         if name == "rescale" and isinstance(value, str) and value not in RESCALE_CONVENTIONS:
             raise ConfigError(f"{where}: rescale must be true, false or one of {RESCALE_CONVENTIONS}")
-        return
+        return value
+    value = _number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if not math.isfinite(value):
         raise ConfigError(f"{where}: {value!r} is not finite")
     if name in FRACTIONS and not 0.0 <= value <= 1.0:
         raise ConfigError(f"{where}: {name} must be in [0, 1], got {value}")
+    if name == "weight" and method.name == "multislerp" and value < 0:
+        raise ConfigError(f"{where}: multislerp weights are barycentric and cannot be negative, got {value}")
+    return value
 
 
-def _params(raw: Any, where: str) -> dict[str, Any]:
+def _params(raw: Any, where: str, method: MethodSpec) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: parameters must be a mapping, got {type(raw).__name__}")
     out = {}
+    takes = method.per_model + method.options
     for key, value in raw.items():
         key = "lambda_" if key == "lambda" else key
-        if key in ("int8_mask",):  # a memory trick of mergekit's; meaningless here
+        if key in IGNORED_PARAMETERS:
             continue
-        _check_value(value, f"{where}.{key}")
+        shown = "lambda" if key == "lambda_" else key
+        if key not in ALL_PARAMETERS:
+            raise ConfigError(f"{where}: unknown parameter {shown!r}; known: "
+                              f"{', '.join(p.rstrip('_') for p in ALL_PARAMETERS)}")
+        if key not in takes:
+            raise ConfigError(f"{where}: merge_method {method.name} does not use {shown!r}"
+                              f" (it takes {', '.join(p.rstrip('_') for p in takes) or 'no parameters'})")
+        value = _check_value(value, f"{where}.{key}", method)
         out[key] = RESCALE_FROM_BOOL[value] if key == "rescale" and isinstance(value, bool) else value
     return out
 
 
+def _mapping(entry: Any, keys: set[str], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {sorted(keys)}, got {entry!r}")
+    unknown = sorted(map(str, set(entry) - keys))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(keys))}")
+
+
 def _path(value: Any, root: Path, where: str) -> str:
     if isinstance(value, dict):  # mergekit also accepts {model: path}
+        _mapping(value, {"model"}, where)
         value = value.get("model")
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a model folder path, got {value!r}")
@@ -159,68 +214,93 @@ def parse_recipe(path: str | Path) -> Recipe:
 
     Raises:
       ConfigError: unreadable or malformed file, unknown method or keys, missing base model for a
-        method that needs one, fractions outside [0, 1], wrong number of models.
+        method that needs one, fractions outside [0, 1], wrong number of models; the one-line message
+        starts with ``recipe PATH:``.
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read recipe {path}: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read recipe {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read recipe {path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML: {_one_line(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"recipe {path} nests too deeply") from None
+    if raw is None:
+        raise ConfigError(f"recipe {path} is empty; it needs merge_method and models (or slices)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path} must be a YAML mapping")
-    unknown = sorted(set(raw) - KNOWN_KEYS)
+        raise ConfigError(f"recipe {path} must be a YAML mapping (merge_method, models, ...),"
+                          f" got a {type(raw).__name__}")
+    try:
+        return _parse(raw, path, text)
+    except ConfigError as err:
+        raise ConfigError(f"recipe {path}: {err}") from None
+
+
+def _parse(raw: dict, path: Path, text: str) -> Recipe:
+    unknown = sorted(map(str, set(raw) - KNOWN_KEYS))
     if unknown:
-        raise ConfigError(f"recipe {path}: unknown keys {unknown}")
+        raise ConfigError(f"unknown keys {unknown}; known: {', '.join(sorted(KNOWN_KEYS))}")
     if "merge_method" not in raw:
-        raise ConfigError(f"recipe {path}: missing merge_method")
+        raise ConfigError("missing merge_method")
     method = get_spec(raw["merge_method"])
     root = path.parent
-    base = _path(raw["base_model"], root, "base_model") if raw.get("base_model") else None
-    params = _params(raw.get("parameters"), "parameters")
+    folders: list[tuple[str, str]] = []
+
+    def folder(value: Any, where: str) -> str:
+        resolved = _path(value, root, where)
+        folders.append((where, resolved))
+        return resolved
+
+    base = folder(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
+    params = _params(raw.get("parameters"), "parameters", method)
 
     if ("models" in raw) == ("slices" in raw):
-        raise ConfigError(f"recipe {path}: give exactly one of 'models' or 'slices'")
+        raise ConfigError("give exactly one of 'models' or 'slices'")
     if "models" in raw:
         entries = raw["models"]
         if not isinstance(entries, list) or not entries:
-            raise ConfigError("models: expected a non-empty list")
+            raise ConfigError(f"models: expected a non-empty list, got {entries!r}")
         sources = []
         for i, entry in enumerate(entries):
             entry = entry if isinstance(entry, dict) else {"model": entry}
-            model = _path(entry.get("model"), root, f"models[{i}].model")
-            sources.append(Source(model, None, _params(entry.get("parameters"), f"models[{i}].parameters")))
+            _mapping(entry, MODEL_KEYS, f"models[{i}]")
+            model = folder(entry.get("model"), f"models[{i}].model")
+            sources.append(Source(model, None, _params(entry.get("parameters"), f"models[{i}].parameters", method)))
         slices = (Slice(tuple(sources), {}),)
     else:
         entries = raw["slices"]
         if not isinstance(entries, list) or not entries:
-            raise ConfigError("slices: expected a non-empty list")
+            raise ConfigError(f"slices: expected a non-empty list, got {entries!r}")
         slices = []
         for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            _mapping(entry, SLICE_KEYS, f"slices[{i}]")
+            if not isinstance(entry.get("sources"), list) or not entry["sources"]:
                 raise ConfigError(f"slices[{i}]: expected a mapping with a non-empty 'sources' list")
             sources = []
             for j, src in enumerate(entry["sources"]):
                 where = f"slices[{i}].sources[{j}]"
-                if not isinstance(src, dict):
-                    raise ConfigError(f"{where}: expected a mapping")
+                _mapping(src, SOURCE_KEYS, where)
                 lr = src.get("layer_range")
                 if (
                     not isinstance(lr, list) or len(lr) != 2
                     or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
                     or not 0 <= lr[0] < lr[1]
                 ):
-                    raise ConfigError(f"{where}.layer_range: expected [start, end) with 0 <= start < end")
+                    raise ConfigError(f"{where}.layer_range: expected [start, end) with 0 <= start < end,"
+                                      f" got {lr!r}")
                 sources.append(
-                    Source(_path(src.get("model"), root, f"{where}.model"), (lr[0], lr[1]),
-                           _params(src.get("parameters"), f"{where}.parameters"))
+                    Source(folder(src.get("model"), f"{where}.model"), (lr[0], lr[1]),
+                           _params(src.get("parameters"), f"{where}.parameters", method))
                 )
             lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
             if len(lengths) != 1:
                 raise ConfigError(f"slices[{i}]: the sources' layer ranges have different lengths")
-            slices.append(Slice(tuple(sources), _params(entry.get("parameters"), f"slices[{i}].parameters")))
+            slices.append(Slice(tuple(sources), _params(entry.get("parameters"), f"slices[{i}].parameters",
+                                                        method)))
         slices = tuple(slices)
 
     if method.needs_base and base is None:
@@ -235,20 +315,24 @@ def parse_recipe(path: str | Path) -> Recipe:
             )
 
     dtype = raw.get("out_dtype") or raw.get("dtype")
-    if dtype is not None and dtype not in DTYPE_ALIASES:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPE_ALIASES):
         raise ConfigError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPE_ALIASES)}")
     tok = raw.get("tokenizer_source")
-    if isinstance(raw.get("tokenizer"), dict):
+    if raw.get("tokenizer") is not None:
+        _mapping(raw["tokenizer"], TOKENIZER_KEYS, "tokenizer")
         tok = raw["tokenizer"].get("source", tok)
     if tok in ("base", None):
         tok = base
     elif tok == "union":
         raise ConfigError("tokenizer_source: union is not supported; name one model")
     else:
-        tok = _path(tok, root, "tokenizer_source")
+        tok = folder(tok, "tokenizer_source")
     seed = raw.get("random_seed", raw.get("seed", 0))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"random_seed must be an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+        raise ConfigError(f"random_seed must be a 64-bit integer, got {seed!r}")
+    for key in ("name", "chat_template"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ConfigError(f"{key}: expected a string, got {raw[key]!r}")
     return Recipe(
         method=method,
         base_model=base,
@@ -259,7 +343,25 @@ def parse_recipe(path: str | Path) -> Recipe:
         seed=seed,
         text=text,
         uses_slices="slices" in raw,
+        path=str(path),
+        folders=tuple(folders),
     )
+
+
+def check_folders(recipe: Recipe) -> None:
+    """Every model folder the recipe names exists and is a folder.
+
+    Raises:
+      ConfigError: naming the recipe file, the key and the folder.
+    """
+    for where, folder in recipe.folders:
+        p = Path(folder)
+        if not p.exists():
+            raise ConfigError(
+                f"recipe {recipe.path}: {where}: model folder {folder} does not exist (models are read from"
+                " local folders; download Hub models first)")
+        if not p.is_dir():
+            raise ConfigError(f"recipe {recipe.path}: {where}: {folder} is not a folder (give the model's folder)")
 
 
 def merge_inputs(

@@ -4,19 +4,27 @@ Tensors are streamed: read the sources of one output tensor, merge them with a j
 once per shape), write the result into the open shard. Reading the next tensor overlaps with merging the
 current one. The output is built in a hidden temporary folder next to the destination and renamed at the
 end, so a failure never leaves a partial model behind.
+
+The destination is checked before any model is opened (:func:`check_output_folder`), and the temporary
+folder ``.NAME.partial-PID-XXXXXXXX`` is created right away, which proves that the folder accepts new
+files (permission bits do not show read-only or virtual file systems, nor tell root anything). The
+process holds an exclusive ``flock`` on it while it merges, so a later merge to the same destination
+removes the partial folders of merges that were killed (dead process, lock free) and leaves live ones
+alone. The output's folder and files get the modes of a plain ``mkdir`` / ``open`` under the umask.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -25,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from evojax_merge.errors import ConfigError
+from evojax_merge.errors import ConfigError, EvojaxMergeError
 from evojax_merge.merge import selection
 from evojax_merge.merge.checkpoint import DTYPES, BufferPool, Checkpoint, ShardedWriter
-from evojax_merge.merge.config import Recipe, parse_recipe
+from evojax_merge.merge.config import Recipe, check_folders, parse_recipe
+from evojax_merge.models.tokenizer_identity import check_same_tokenizer
 from evojax_merge.merge.model_card import model_card
 from evojax_merge.merge.plan import TensorJob, plan_merge
 
@@ -48,11 +57,17 @@ TOKENIZER_FILES = (
 def parse_size(text: str) -> int:
     """``"2GB"``, ``"500MB"``, ``"1e9"`` -> bytes."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
-    if not match:
-        raise ConfigError(f"cannot read size {text!r} (e.g. 2GB, 500MB)")
-    unit = match.group(2).rstrip("B").rstrip("I")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
-    return int(float(match.group(1)) * scale)
+    try:
+        if not match:
+            raise ValueError
+        unit = match.group(2).rstrip("B").rstrip("I")
+        scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+        size = int(float(match.group(1)) * scale)
+        if size <= 0:
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise ConfigError(f"--max-shard-size: cannot read size {text!r} (e.g. 2GB, 500MB)") from None
+    return size
 
 
 def _enable_compilation_cache(jax) -> None:
@@ -215,6 +230,140 @@ def _read_inputs(job: TensorJob, ckpts: dict[str, Checkpoint], method: str, pool
 
 
 
+def check_output_folder(out: str | os.PathLike, inputs: list[str], *, overwrite: bool = False) -> Path:
+    """The absolute destination folder, if a merged model may be written there.
+
+    Checks what can be told without writing (the temporary folder created next is the real probe):
+    ``out`` is not an input model folder nor inside one (writing would overwrite an input), does not
+    contain an input (``--overwrite`` would delete it), is not an existing file, exists only with
+    ``overwrite`` (and then holds a model, or nothing), and its nearest existing ancestor is a folder
+    the user may write to. (A helper that ``run`` could share; it would fit ``evojax_merge.files``.)
+
+    Args:
+      out: the destination folder.
+      inputs: the model folders the merge reads.
+      overwrite: an existing destination may be replaced.
+
+    Raises:
+      ConfigError: naming ``out`` and the problem.
+    """
+    out = Path(out).expanduser().absolute()
+    real = Path(os.path.realpath(out))
+    for folder in inputs:
+        real_in = Path(os.path.realpath(folder))
+        if real == real_in or real_in in real.parents:
+            what = "is the" if real == real_in else "is inside the"
+            raise ConfigError(f"--out {out} {what} input model folder {folder}: writing it would overwrite an input")
+        if real in real_in.parents:
+            raise ConfigError(f"--out {out} contains the input model folder {folder}: replacing it would delete"
+                              " an input")
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"--out {out} is a dangling symbolic link")
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is a file, not a folder")
+        if not overwrite:
+            raise ConfigError(f"output folder {out} already exists (pass --overwrite to replace it)")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise ConfigError(f"--out {out} exists and is not a model folder (no config.json); --overwrite only"
+                              " replaces a model folder or an empty one")
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create --out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out {out}: the folder {existing} is not writable")
+    return out
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _try_lock(folder: Path) -> int | None:
+    """An fd holding an exclusive flock on ``folder``, or None when another process holds it."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except (ImportError, OSError):  # no flock here (e.g. some network file systems): the pid decides
+        pass
+    return fd
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Removes the temporary folders that killed merges to ``out`` left behind (dead pid, free lock)."""
+    for path in out.parent.iterdir():
+        match = _LEFTOVER.fullmatch(path.name)
+        if not match or match["name"] != out.name or _alive(int(match["pid"])):
+            continue
+        try:
+            fd = _try_lock(path)
+        except OSError:
+            continue
+        if fd is None:  # a live merge on another machine sharing this folder
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _partial_folder(out: Path):
+    """Creates ``.NAME.partial-PID-XXXXXXXX`` next to ``out`` (and the missing parents), holds a lock on
+    it, yields it, and removes it and the parents it created unless it was renamed to ``out``."""
+    created = [p for p in out.parents if not p.exists()]  # deepest first
+    tmp = fd = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out)
+        while tmp is None:
+            candidate = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(candidate)  # 0777 & ~umask, like mkdir(1)
+                tmp = candidate
+            except FileExistsError:
+                pass
+        fd = _try_lock(tmp)
+    except OSError as err:
+        _undo(tmp, created)
+        raise ConfigError(f"cannot create --out {out}: {err.strerror or err}"
+                          + (f" ({err.filename})" if err.filename else "")) from None
+    try:
+        yield tmp
+    except BaseException:
+        _undo(tmp, created)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _undo(tmp: Path | None, created: list[Path]) -> None:
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def merge_checkpoints(
     recipe_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -236,53 +385,84 @@ def merge_checkpoints(
       Statistics: seconds, bytes read, bytes written, tensors.
 
     Raises:
-      ConfigError, DataError: bad recipe or inputs (before anything is written).
+      ConfigError, DataError: bad recipe, inputs or destination (before anything is written), or a
+        tensor found broken (NaN / infinity) while merging; EvojaxMergeError: the output cannot be
+        written (disk full, ...). Nothing is left at ``out`` nor next to it in every case.
     """
     start = time.perf_counter()
-    out = Path(out).expanduser().absolute()
     recipe = parse_recipe(recipe_path)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output folder {out} already exists (pass --overwrite to replace it)")
     shard_bytes = parse_size(max_shard_size)
-    ckpts = {m: Checkpoint(m) for m in recipe.models}
-    try:
-        jobs, out_layers = plan_merge(recipe, ckpts)
-        ref_model = recipe.base_model or recipe.models[0]
-        config = dict(ckpts[ref_model].config)
-        if out_layers is not None:
-            config["num_hidden_layers"] = out_layers
-        if recipe.out_dtype:
-            name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[recipe.out_dtype]
-            for key in ("torch_dtype", "dtype"):  # transformers < 5 and >= 5 spell it differently
-                if key in config or key == "torch_dtype":
-                    config[key] = name
-        tok_dir = Path(recipe.tokenizer_source or ref_model)
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    check_folders(recipe)
+    out = check_output_folder(out, [folder for _, folder in recipe.folders], overwrite=overwrite)
+    with _partial_folder(out) as tmp:
+        ckpts: dict[str, Checkpoint] = {}
         try:
-            stats = _stream(recipe, ckpts, jobs, tmp, shard_bytes, verbose)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            for name in TOKENIZER_FILES:
-                if (tok_dir / name).is_file():
-                    shutil.copy2(tok_dir / name, tmp / name)
-            (tmp / "README.md").write_text(model_card(recipe, out.name))
-            (tmp / "merge_recipe.yaml").write_text(recipe.text)
-            if out.exists():
-                trash = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, trash)
-                os.replace(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    finally:
-        for c in ckpts.values():
-            c.close()
+            for m in recipe.models:
+                ckpts[m] = Checkpoint(m)
+            jobs, out_layers = plan_merge(recipe, ckpts)
+            ref_model = recipe.base_model or recipe.models[0]
+            tok_dir = _tokenizer_folder(recipe, ref_model)
+            config = dict(ckpts[ref_model].config)
+            if out_layers is not None:
+                config["num_hidden_layers"] = out_layers
+            if recipe.out_dtype:
+                name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[recipe.out_dtype]
+                for key in ("torch_dtype", "dtype"):  # transformers < 5 and >= 5 spell it differently
+                    if key in config or key == "torch_dtype":
+                        config[key] = name
+            try:
+                stats = _stream(recipe, ckpts, jobs, tmp, shard_bytes, verbose)
+                (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+                for name in TOKENIZER_FILES:
+                    if (tok_dir / name).is_file():
+                        shutil.copyfile(tok_dir / name, tmp / name)  # modes from the umask, not the source
+                card = model_card(recipe, out.name, {m: c.config for m, c in ckpts.items()})
+                (tmp / "README.md").write_text(card)
+                (tmp / "merge_recipe.yaml").write_text(recipe.text)
+                if out.exists():
+                    trash = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+                    os.replace(out, trash)
+                    os.replace(tmp, out)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.replace(tmp, out)
+            except EvojaxMergeError:
+                raise
+            except OSError as err:  # the destination's file system: full, gone, read-only, ...
+                raise EvojaxMergeError(
+                    f"cannot write the merged model to {out}: {err.strerror or err}"
+                    + (f" ({err.filename})" if err.filename else "")) from None
+        finally:
+            for c in ckpts.values():
+                c.close()
     stats["seconds"] = time.perf_counter() - start
     return stats
+
+
+def _tokenizer_folder(recipe: Recipe, ref_model: str) -> Path:
+    """The folder whose tokenizer files are copied, once every input's tokenizer is known to be the same.
+
+    Models whose tokenizers differ are refused (the same token id would mean different tokens in their
+    embeddings); ``tokenizer_source`` does not change that. Without ``tokenizer_source`` the reference
+    model's files are copied, or another input's when the reference model has none.
+
+    Raises:
+      DataError: tokenizers that differ, or a ``tokenizer_source`` without tokenizer files while other
+        inputs have them.
+    """
+    by_folder: dict[str, str] = {}
+    for where, folder in recipe.folders:
+        by_folder.setdefault(folder, where)
+    missing = set(check_same_tokenizer({where: folder for folder, where in by_folder.items()}))
+    having = [folder for folder, where in by_folder.items() if where not in missing]
+    explicit = any(where == "tokenizer_source" for where, _ in recipe.folders)
+    chosen = recipe.tokenizer_source or ref_model
+    if by_folder.get(chosen) in missing and having:
+        if explicit:
+            raise ConfigError(f"recipe {recipe.path}: tokenizer_source {chosen} has no tokenizer files, but"
+                              f" {having[0]} has")
+        chosen = having[0]
+    return Path(chosen)
 
 
 # Jobs read ahead of the one being merged: enough to keep reading while the first kernels load or

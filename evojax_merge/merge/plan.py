@@ -70,6 +70,41 @@ def _check_same_tensors(ref: Checkpoint, other: Checkpoint) -> None:
             )
 
 
+# Config fields that must agree for tensors of the same shapes to mean the same thing (the heads split
+# q/k/v rows differently, another model_type computes differently). Shapes are compared tensor by tensor;
+# the layer count may differ (slices stack layers of models of different depths). A field is compared
+# only where both configs write it (transformers leaves out values equal to its default).
+SAME_CONFIG_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size", "vocab_size",
+                      "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act")
+# Methods that divide by the sum of the weights (in their default or a set ``normalize`` option).
+_NORMALIZING = {"linear": ("normalize", True), "task_arithmetic": ("normalize", False),
+                "multislerp": ("normalize_weights", True)}
+
+
+def check_same_architecture(ckpts: dict[str, Checkpoint]) -> None:
+    """Refuses models whose configs differ in a field that changes what their tensors mean.
+
+    Raises:
+      DataError: naming both config files, the field and the two values.
+    """
+    items = list(ckpts.values())
+    ref = items[0]
+    for other in items[1:]:
+        for field in SAME_CONFIG_FIELDS:
+            if field in ref.config and field in other.config and ref.config[field] != other.config[field]:
+                raise DataError(
+                    f"models of different architectures: {other.path / 'config.json'} has {field}="
+                    f"{other.config[field]!r} but {ref.path / 'config.json'} has {ref.config[field]!r}")
+
+
+def _check_weight_sum(recipe: Recipe, name: str, weights: list[float], options: dict[str, Any]) -> None:
+    option, default = _NORMALIZING.get(recipe.method.name, (None, False))
+    if option and options.get(option, default) and abs(sum(weights)) < 1e-8:
+        raise ConfigError(
+            f"recipe {recipe.path}: the weights of tensor {name!r} sum to 0 ({weights}), and {recipe.method.name}"
+            f" divides by their sum ({option}); give weights with a non-zero sum or set {option}: false")
+
+
 def _job(
     recipe: Recipe,
     ckpts: dict[str, Checkpoint],
@@ -103,6 +138,8 @@ def _job(
     first = stack[0][0].parameters if stack else {}
     options = resolve_params([slice_params, recipe.parameters, first], out_name, position)
     options = {k: v for k, v in options.items() if k in method.options}
+    if "weight" in per_model:
+        _check_weight_sum(recipe, out_name, per_model["weight"], options)
     dtype = recipe.out_dtype or ref_info.dtype
     return TensorJob(
         out_name,
@@ -119,7 +156,9 @@ def plan_merge(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> tuple[list[Tenso
     """Every output tensor of the merge, in writing order, and the output's layer count (slices).
 
     Raises:
-      DataError: tensors missing in a model or with different shapes (naming tensor and model).
+      DataError: tensors missing in a model or with different shapes (naming tensor and model), models
+        whose configs differ in a field that changes what a tensor means (:func:`check_same_architecture`).
+      ConfigError: weights that sum to zero for a method that divides by their sum.
     """
     method = recipe.method
     jobs: list[TensorJob] = []
@@ -137,10 +176,19 @@ def plan_merge(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> tuple[list[Tenso
                 _job(recipe, ckpts, name, [(s, name) for s in stack],
                      (base, name) if base else None, the_slice.parameters, position)
             )
+        check_same_architecture(ckpts)
         return jobs, None
 
     # Slices: layers are renamed to their output index; tensors outside the layers come from the
     # first slice (embeddings) or the last slice (final norm, head).
+    for i, s in enumerate(recipe.slices):
+        for j, src in enumerate(s.sources):
+            layers = {tensor_layer(n) for n in ckpts[src.model].tensors} - {None}
+            count = max(layers) + 1 if layers else 0
+            if src.layer_range[1] > count:
+                raise ConfigError(
+                    f"recipe {recipe.path}: slices[{i}].sources[{j}].layer_range {list(src.layer_range)} goes"
+                    f" past the {count} layers of {src.model}")
     ref_src = merge_inputs(method, recipe.base_model, recipe.slices[0])
     ref_model = (ref_src[1] or ref_src[0][0]).model
     ref = ckpts[ref_model]
@@ -174,6 +222,7 @@ def plan_merge(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> tuple[list[Tenso
         job = _job(recipe, ckpts, name, [(x, name) for x in stack], (base, name) if base else None,
                    s.parameters, 0.0 if _order(name) < 0 else 1.0)
         (jobs if _order(name) < 0 else layer_jobs).append(job)
+    check_same_architecture(ckpts)
     return jobs + layer_jobs, out_layer
 
 
