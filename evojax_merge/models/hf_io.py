@@ -35,25 +35,54 @@ TOP_TENSORS = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.
 
 
 def read_config(folder: str | os.PathLike) -> LlamaConfig:
-    """The :class:`LlamaConfig` of a model folder; unsupported architectures raise ConfigError."""
+    """The :class:`LlamaConfig` of a model folder.
+
+    Raises:
+      DataError: no folder, no config.json, or a file that is not a JSON mapping (naming the file).
+      ConfigError: an unsupported architecture, a missing field or an impossible value (naming the file).
+    """
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise DataError(f"no config.json in model folder {folder}")
+        why = "" if Path(folder).is_dir() else " (the folder does not exist)"
+        raise DataError(f"no config.json in model folder {folder}{why}")
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a model config: a JSON mapping is expected, got {type(d).__name__}")
+    for field in _POSITIVE_FIELDS:
+        value = d.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{path}: {field} must be an integer >= 1, got {value!r}")
     try:
-        return LlamaConfig.from_hf_dict(d)
+        config = LlamaConfig.from_hf_dict(d)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except (ValueError, TypeError, ArithmeticError, AttributeError) as e:  # e.g. "hidden_size": "big"
+        raise ConfigError(f"{path}: a field has a value of the wrong type or an impossible one ({e})") from None
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ConfigError(f"{path}: num_attention_heads ({config.num_attention_heads}) must be a multiple of "
+                          f"num_key_value_heads ({config.num_key_value_heads})")
+    return config
+
+
+# Sizes of a config that must be at least 1 (a zero or negative one is a broken config.json, not a model).
+_POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim")
 
 
 def _tensor_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return [folder / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) for f in files):
+                raise TypeError("its weight_map must map tensor names to file names")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise DataError(f"{index} is not a safetensors index: {e}") from None
+        return [folder / f for f in files]
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
@@ -63,18 +92,46 @@ def _tensor_files(folder: Path) -> list[Path]:
     return found
 
 
-def read_tensors(folder: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of the folder's safetensors file(s) by Hugging Face name, as numpy arrays."""
-    from safetensors import safe_open
+def read_tensors(folder: str | os.PathLike, check_finite: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of the folder's safetensors file(s) by Hugging Face name, as numpy arrays.
 
-    out = {}
-    for path in _tensor_files(Path(folder)):
+    Raises:
+      DataError: a missing shard, a file that is not safetensors (garbled header, truncated), naming the
+        file; with ``check_finite``, a tensor holding NaN or infinite values, naming the file and tensor.
+    """
+    return dict(_iter_tensors(Path(folder), check_finite))
+
+
+def _iter_tensors(folder: Path, check_finite: bool):
+    """(name, numpy array) of every tensor of the folder's safetensors file(s), one file open at a time."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in _tensor_files(folder):
         if not path.is_file():
             raise DataError(f"safetensors shard {path.name} listed in the index is missing from {folder}")
-        with safe_open(str(path), framework="np") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name)
-    return out
+        try:
+            with safe_open(str(path), framework="np") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    if check_finite:
+                        _check_finite(tensor, name, path)
+                    yield name, tensor
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                            f"{' '.join(str(e).split())}") from None
+
+
+def _check_finite(tensor: np.ndarray, name: str, path: Path) -> None:
+    """DataError naming the file and tensor when ``tensor`` holds NaN or infinite values."""
+    if tensor.dtype.kind in "iub":  # integer and boolean tensors are always finite
+        return
+    finite = np.isfinite(tensor)
+    if not finite.all():
+        bad = tensor[~finite]
+        raise DataError(f"{path}: tensor {name!r} holds {int(np.isnan(bad).sum())} NaN and "
+                        f"{int(np.isinf(bad).sum())} infinite values: the model's weights are broken")
 
 
 def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32,
@@ -103,10 +160,28 @@ def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], dty
     return params
 
 
-def load_hf_folder(folder: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, Params]:
-    """Reads a Hugging Face Llama/Mistral folder into ``(config, params)`` with params in ``dtype``."""
+def check_weights(folder: str | os.PathLike, config: LlamaConfig, check_finite: bool = True) -> None:
+    """What :func:`load_hf_folder` would check (every tensor present with its shape, and finite with
+    ``check_finite``), one tensor in memory at a time: a folder checked now and loaded later."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in _iter_tensors(Path(folder), check_finite)}
+    expected = config.param_shapes
+    wanted = {name: expected[key] for key, name in TOP_TENSORS.items() if key in expected}
+    for key, name in LAYER_TENSORS.items():
+        wanted |= {name.format(i=i): expected["layers"][key][1:] for i in range(config.num_hidden_layers)}
+    for name, shape in wanted.items():
+        if name not in shapes:
+            raise DataError(f"{folder}: missing tensor {name!r}")
+        if shapes[name] != tuple(shape):
+            raise DataError(f"{folder}: tensor {name!r} has shape {shapes[name]}, the config implies {tuple(shape)}")
+
+
+def load_hf_folder(folder: str | os.PathLike, dtype=jnp.float32, check_finite: bool = False
+                   ) -> tuple[LlamaConfig, Params]:
+    """Reads a Hugging Face Llama/Mistral folder into ``(config, params)`` with params in ``dtype``.
+
+    ``check_finite``: refuse weights holding NaN or infinite values (DataError naming file and tensor)."""
     config = read_config(folder)
-    return config, params_from_tensors(config, read_tensors(folder), dtype, source=str(folder))
+    return config, params_from_tensors(config, read_tensors(folder, check_finite), dtype, source=str(folder))
 
 
 def tensors_from_params(config: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
@@ -167,18 +242,30 @@ def save_hf_folder(folder: str | os.PathLike, config: LlamaConfig, params: Param
 # -------------------------------------------------------------------------------------- tokenizer
 def load_tokenizer(folder: str | os.PathLike):
     """The folder's tokenizer: a ``tokenizers.Tokenizer`` from tokenizer.json when there is one,
-    otherwise ``transformers.AutoTokenizer`` (e.g. for a SentencePiece ``tokenizer.model``)."""
+    otherwise ``transformers.AutoTokenizer`` (e.g. for a SentencePiece ``tokenizer.model``).
+
+    Raises:
+      DataError: the tokenizer file cannot be read, or the folder has no tokenizer (naming it).
+    """
     path = Path(folder) / "tokenizer.json"
     if path.is_file():
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise DataError(f"{path} is not a readable tokenizer file: {' '.join(str(e).split())}") from None
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise DataError(f"no tokenizer.json in {folder}, and transformers is not installed to read "
                         "another tokenizer format") from None
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises OSError / ValueError / others for a folder it cannot read
+        reason = " ".join(str(e).split())
+        raise DataError(f"no usable tokenizer in model folder {folder}: no tokenizer.json, and transformers cannot "
+                        f"read one ({reason[:160]}{'...' if len(reason) > 160 else ''})") from None
 
 
 def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:

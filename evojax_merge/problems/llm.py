@@ -8,11 +8,19 @@ kinds and generation lengths), or from Hugging Face folders and task data genera
 Every candidate is scored per data point by a :class:`~evojax_merge.tasks.lm_suite.SkillSuite`; the test
 split is reported per skill (``test_<skill>`` columns). The seed models' own test scores are the
 baselines of the summary.
+
+Bad input is refused before anything runs, with one line naming the file and the entry (ConfigError /
+DataError): the manifest and every task file are read and checked first, then every seed folder's
+config.json, architecture and tokenizer (tokenizers must give the token ids the same meanings), then the
+weights (unreadable safetensors and NaN / inf values are refused). Legal input that is almost surely a
+mistake (a model folder named twice, test problems that are also fitness problems) is one warning line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import sys
 from functools import partial
 from typing import Any
 
@@ -23,10 +31,11 @@ import numpy as np
 from evojax_merge.config import check
 from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.models import hf_io, llama
+from evojax_merge.models.tokenizer_identity import check_same_tokenizer
 from evojax_merge.problems.base import Problem
 from evojax_merge.tasks.kinds import KINDS
 from evojax_merge.tasks.lm_suite import GivenSkill, SkillSpec, SkillSuite, build_suite, suite_from_examples
-from evojax_merge.train.lm_seeds import SeedManifest
+from evojax_merge.train.lm_seeds import SeedManifest, read_examples
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -41,6 +50,9 @@ class SeedsOptions:
     # Base model of task-vector methods (TIES, DARE, ...): a manifest key or a folder; null: none.
     base: str | None = None
     dtype: str = "float32"
+    # Seed weights holding NaN or inf are refused (a broken checkpoint would silently score 0); true: load
+    # them anyway, e.g. to watch a search reject the candidates they spoil.
+    allow_nonfinite: bool = False
 
     def validate(self):
         check(len(self.models) >= 1, "problem.seeds.models", "must list at least one model")
@@ -63,8 +75,10 @@ class TaskOptions:
     # kinds, generation lengths and prompt format; ``skills``, ``prompt_format`` and ``max_new_tokens``
     # below then do not apply.
     from_manifest: bool = False
-    n_fitness: int | None = None  # from_manifest: the first n of each skill's fitness split; null: all
-    n_test: int | None = None  # from_manifest: the first n of each skill's test split; null: all
+    # from_manifest: the first n of each skill's fitness / test split; null: all. More than a split holds is
+    # refused, not clipped: a silently smaller task would change what the experiment measures.
+    n_fitness: int | None = None
+    n_test: int | None = None
     # from_manifest: the held-out split the best model is reported on; a bigger one can be added to the
     # seeds later (train.lm_seeds.add_heldout_split, make_seeds.py --add-split) without retraining them.
     test_split: str = "test"
@@ -123,6 +137,11 @@ class Seeds:
         return self.configs[0]
 
 
+def warn(message: str) -> None:
+    """One line on stderr: input that is legal but almost surely a mistake (the run goes on)."""
+    print(f"evojax-merge: warning: {message}", file=sys.stderr)
+
+
 def manifest_of(seeds: SeedsOptions) -> SeedManifest:
     """The seeds manifest ``seeds.manifest`` names; ConfigError naming the key when it cannot be read."""
     try:
@@ -140,43 +159,115 @@ def seed_folders(seeds: SeedsOptions) -> tuple[list[str], str | None]:
     return [manifest.folder(k) for k in seeds.models], base
 
 
-def load_seeds(opts: SeedsOptions, need_base: bool, same_depth: bool = True) -> Seeds:
-    """Reads the seed folders (and the base when ``need_base``), checking their architectures agree.
+def _warn_repeated_folders(labels: dict[str, str]) -> None:
+    """A warning for every folder that two seed entries (or a seed and the base) name."""
+    seen: dict[pathlib.Path, str] = {}
+    for label, folder in labels.items():
+        resolved = pathlib.Path(folder).resolve()
+        if resolved in seen:
+            what = "a seed is its own base" if label.startswith("problem.seeds.base") else "it is merged with itself"
+            warn(f"{seen[resolved]} and {label} are the same model folder {folder}: {what}")
+        else:
+            seen[resolved] = label
+
+
+def load_model(folder: str, opts: SeedsOptions) -> tuple[llama.LlamaConfig, llama.Params]:
+    """One seed folder in ``opts.dtype``, its weights refused when they hold NaN or inf (unless
+    ``opts.allow_nonfinite``)."""
+    return hf_io.load_hf_folder(folder, DTYPES[opts.dtype], check_finite=not opts.allow_nonfinite)
+
+
+def load_seeds(opts: SeedsOptions, need_base: bool, same_depth: bool = True, check_base: bool = True,
+               extra: tuple[str, ...] = ()) -> Seeds:
+    """Reads the seed folders (and the base when ``need_base``), checking that they can be merged.
+
+    Everything is checked before any weights are read: the manifest keys, every folder's config.json,
+    the architectures (the base's against model A's), and that the tokenizers give every token id the
+    same meaning (``extra``: more folders merged with the seeds, e.g. DFS's ``first_model``, whose config
+    and tokenizer are checked with them and which the caller loads with :func:`load_model`). Then the
+    weights are read, refused when they hold NaN or inf. A base the search does not read (``need_base``
+    false) is only checked, when ``check_base`` (the seed baselines score it at the end), and loaded later.
 
     Raises:
-      ConfigError: different architectures (naming the folder and field), a method needing a base without one.
-      DataError: a missing or malformed folder.
+      ConfigError: different architectures (naming the folder and field), a method needing a base without
+        one, an unknown manifest key.
+      DataError: a missing or malformed folder, config, weights file or tokenizer; non-finite weights;
+        tokenizers that differ (naming the files).
     """
-    dtype = DTYPES[opts.dtype]
     names, base_folder = seed_folders(opts)
-    loaded = [hf_io.load_hf_folder(n, dtype) for n in names]
+    if need_base and base_folder is None:
+        raise ConfigError("config key 'problem.seeds.base' is needed by this merge method (a task-vector method)")
+    keyed = opts.manifest is not None  # name the manifest's keys too
+    labels = {f"problem.seeds.models[{i}]" + (f" ({opts.models[i]})" if keyed else ""): n for i, n in enumerate(names)}
+    if base_folder is not None:
+        labels["problem.seeds.base" + (f" ({opts.base})" if keyed else "")] = base_folder
+    _warn_repeated_folders(labels)
+    configs = [hf_io.read_config(n) for n in names]
+    llama.check_same_architecture(configs + [hf_io.read_config(f) for f in extra], names + list(extra),
+                                  same_depth=same_depth)
+    if base_folder is not None:  # the seed baselines score the base with model A's configuration
+        llama.check_same_architecture([configs[0], hf_io.read_config(base_folder)], [names[0], base_folder])
+    tokenizer = hf_io.load_tokenizer(names[0])
+    check_same_tokenizer({"problem.first_model": f for f in extra} | labels)
+    loaded = [load_model(n, opts) for n in names]
     base = None
     if need_base:
-        if base_folder is None:
-            raise ConfigError("config key 'problem.seeds.base' is needed by this merge method (a task-vector method)")
-        base_config, base = hf_io.load_hf_folder(base_folder, dtype)
-        llama.check_same_architecture([loaded[0][0], base_config], [names[0], base_folder])
-    llama.check_same_architecture([c for c, _ in loaded], names, same_depth=same_depth)
-    return Seeds(names, [c for c, _ in loaded], [p for _, p in loaded], base, base_folder,
-                 hf_io.load_tokenizer(names[0]))
+        base = load_model(base_folder, opts)[1]
+    elif base_folder is not None and check_base:  # checked tensor by tensor now; the baselines load it at the end
+        hf_io.check_weights(base_folder, configs[0], check_finite=not opts.allow_nonfinite)
+    return Seeds(names, [c for c, _ in loaded], [p for _, p in loaded], base, base_folder, tokenizer)
 
 
-def build_task_suite(task: TaskOptions, seeds: SeedsOptions, model_config: llama.LlamaConfig, tokenizer) -> SkillSuite:
-    """The task: the manifest's fitness and test splits when ``task.from_manifest``, else data generated
-    from ``task.skills``."""
+def task_skills(task: TaskOptions, seeds: SeedsOptions) -> list[GivenSkill] | None:
+    """The skills of a task read from the seeds manifest (``task.from_manifest``), with their examples:
+    read and checked before any model loads. None for a task of generated data.
+
+    Raises:
+      ConfigError: ``n_fitness`` / ``n_test`` larger than a split, a ``test_split`` the manifest lacks.
+      DataError: a missing or malformed task file (naming the file and line).
+    """
+    if not task.from_manifest:
+        return None
+    manifest = manifest_of(seeds)
+    tasks = manifest.data["tasks"]
+    for skill in tasks:  # a test split the manifest does not have is the config's mistake
+        if task.test_split not in tasks[skill]:
+            raise ConfigError(f"config key 'problem.task.test_split': {manifest.path}: task {skill!r} has no "
+                              f"split {task.test_split!r}")
+    # Every file named before any is read: a missing one is found at once, not after the others.
+    files = {skill: (manifest.split_file(skill, "fitness"), manifest.split_file(skill, task.test_split))
+             for skill in tasks}
+    skills = []
+    for skill, (fitness_file, test_file) in files.items():
+        chosen = []
+        for file, split, limit, key in ((fitness_file, "fitness", task.n_fitness, "n_fitness"),
+                                        (test_file, task.test_split, task.n_test, "n_test")):
+            examples = read_examples(file)
+            if limit is not None and limit > len(examples):
+                raise ConfigError(f"config key 'problem.task.{key}': {limit} {split} examples asked of skill "
+                                  f"{skill!r}, its split has {len(examples)} ({file})")
+            chosen.append(tuple(examples[:limit]))
+        fitness, test = chosen
+        source = f"{fitness_file}, {test_file}"
+        overlap = len({e.prompt for e in fitness} & {e.prompt for e in test})
+        if overlap:
+            warn(f"{overlap} of the {len(test)} {task.test_split} problems of skill {skill!r} are also fitness "
+                 f"problems ({source}): the reported test score is not held out")
+        skills.append(GivenSkill(skill, tasks[skill]["kind"], fitness, test, tasks[skill]["max_new_tokens"],
+                                 task.fitness_kind, source=source))
+    return skills
+
+
+def build_task_suite(task: TaskOptions, seeds: SeedsOptions, model_config: llama.LlamaConfig, tokenizer,
+                     skills: list[GivenSkill] | None = None) -> SkillSuite:
+    """The task: the manifest's fitness and test splits when ``task.from_manifest`` (``skills``: those
+    :func:`task_skills` read already), else data generated from ``task.skills``."""
     if task.from_manifest:
-        manifest = manifest_of(seeds)
-        try:
-            fitness = manifest.tasks("fitness", task.n_fitness)
-            test = manifest.tasks(task.test_split, task.n_test)
-        except DataError as e:
-            raise ConfigError(f"config keys 'problem.task.n_fitness' / 'test_split' / 'n_test': {e}") from None
-        skills = [GivenSkill(f.name, f.kind, f.examples, t.examples, f.max_new_tokens, task.fitness_kind)
-                  for f, t in zip(fitness, test)]
-        return suite_from_examples(skills, tokenizer, model_config, prompt_format=manifest.prompt_format,
+        skills = skills if skills is not None else task_skills(task, seeds)
+        return suite_from_examples(skills, tokenizer, model_config, prompt_format=manifest_of(seeds).prompt_format,
                                    scan_layers=task.scan_layers)
-    skills = [SkillSpec(s.skill, s.kind, s.n_train, s.n_test, s.data_seed, task.fitness_kind) for s in task.skills]
-    return build_suite(skills, tokenizer, model_config, prompt_format=task.prompt_format,
+    specs = [SkillSpec(s.skill, s.kind, s.n_train, s.n_test, s.data_seed, task.fitness_kind) for s in task.skills]
+    return build_suite(specs, tokenizer, model_config, prompt_format=task.prompt_format,
                        max_new_tokens=task.max_new_tokens, scan_layers=task.scan_layers)
 
 
@@ -230,12 +321,13 @@ class LanguageModelProblem(Problem):
         if self.seeds.base_name is not None:  # a baseline even where the candidates do not read it (M2N2, DFS)
             names.append(self.seeds.base_name)
             models.append(self.seeds.base if self.seeds.base is not None
-                          else hf_io.load_hf_folder(self.seeds.base_name, DTYPES[self.options.seeds.dtype])[1])
+                          else load_model(self.seeds.base_name, self.options.seeds)[1])
             configs.append(self.seeds.config)
         out, compiled = {}, {}
         for name, model, model_config in zip(names, models, configs):
             if model_config not in compiled:  # one compilation per architecture, not per model
-                suite = build_task_suite(self.options.task, self.options.seeds, model_config, self.seeds.tokenizer)
+                suite = build_task_suite(self.options.task, self.options.seeds, model_config, self.seeds.tokenizer,
+                                         getattr(self, "skills", None))
                 compiled[model_config] = suite, jax.jit(partial(suite.scores, test=True))
             suite, scores = compiled[model_config]
             out[name] = suite.accuracies(scores(model, suite.test), suite.test)

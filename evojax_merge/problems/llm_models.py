@@ -20,7 +20,8 @@ from evojax_merge.config import check, options
 from evojax_merge.merge.operators import stack_trees
 from evojax_merge.models import hf_io
 from evojax_merge.tasks.kinds import NONNEGATIVE_KINDS
-from evojax_merge.problems.llm import LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds
+from evojax_merge.problems.llm import (LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds,
+                                      task_skills)
 
 
 @dataclasses.dataclass
@@ -43,8 +44,13 @@ class LLMModelsProblem(LanguageModelProblem):
 
     def __init__(self, opts: LLMModelsOptions):
         self.options = opts
-        self.seeds = load_seeds(opts.seeds, need_base=False)
-        self.suite = build_task_suite(opts.task, opts.seeds, self.seeds.config, self.seeds.tokenizer)
+        self.skills = task_skills(opts.task, opts.seeds)  # the task files, checked before the models load
+        for skill in self.skills or ():  # a manifest's scorer kinds, when the search scores with them
+            check((skill.fitness_kind or skill.kind) in NONNEGATIVE_KINDS, "problem.task.fitness_kind",
+                  f"is needed: task {skill.name!r} of {opts.seeds.manifest} is scored by 'loglik' (negative "
+                  f"scores) and M2N2's competition needs scores >= 0; use one of {NONNEGATIVE_KINDS}")
+        self.seeds = load_seeds(opts.seeds, need_base=False, check_base=opts.score_seeds)
+        self.suite = build_task_suite(opts.task, opts.seeds, self.seeds.config, self.seeds.tokenizer, self.skills)
         self.num_given_seeds = len(self.seeds.models)
         # The seeds travel as data (an argument of the compiled calls), not as constants of the program.
         self.models = {"seeds": stack_trees(*self.seeds.models)}

@@ -25,8 +25,9 @@ from evojax_merge.config import check, options
 from evojax_merge.errors import ConfigError
 from evojax_merge.files import write_yaml
 from evojax_merge.merge import dataflow, path_io
-from evojax_merge.models import hf_io, llama
-from evojax_merge.problems.llm import DTYPES, LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds
+from evojax_merge.models import llama
+from evojax_merge.problems.llm import (LanguageModelProblem, LanguageModelOptions, build_task_suite, load_model,
+                                      load_seeds, task_skills)
 
 
 @dataclasses.dataclass
@@ -64,10 +65,13 @@ class LLMPathProblem(LanguageModelProblem):
 
     def __init__(self, opts: LLMPathOptions):
         self.options = opts
-        self.seeds = load_seeds(opts.seeds, need_base=False, same_depth=False)
+        self.skills = task_skills(opts.task, opts.seeds)  # the task files, checked before the models load
+        first = () if opts.first_model is None else (opts.first_model,)
+        self.seeds = load_seeds(opts.seeds, need_base=False, same_depth=False, check_base=opts.score_seeds,
+                                extra=first)
         names, configs, models = list(self.seeds.names), list(self.seeds.configs), list(self.seeds.models)
-        if opts.first_model is not None:
-            config, model = hf_io.load_hf_folder(opts.first_model, DTYPES[opts.seeds.dtype])
+        if first:
+            config, model = load_model(opts.first_model, opts.seeds)
             names, configs, models = [opts.first_model] + names, [config] + configs, [model] + models
         if len(models) < 2:
             raise ConfigError("config key 'problem.seeds.models': a data-flow search needs at least two models in its pool")
@@ -79,7 +83,7 @@ class LLMPathProblem(LanguageModelProblem):
                                             p.indicator_off, p.scale_step)
         self.models = dataflow.make_pool(models)
         self.path_config = dataflow.path_config(configs[0], self.space.max_hops)
-        self.suite = build_task_suite(opts.task, opts.seeds, self.path_config, self.seeds.tokenizer)
+        self.suite = build_task_suite(opts.task, opts.seeds, self.path_config, self.seeds.tokenizer, self.skills)
         self.template = jax.ShapeDtypeStruct((self.space.size,), jnp.float32)
 
     def seed_candidates(self, key, n, fitness_data):

@@ -27,7 +27,8 @@ from evojax_merge.merge.names import FAMILIES
 from evojax_merge.merge.operators import get_method, stack_trees
 from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_genome
 from evojax_merge.models import hf_io
-from evojax_merge.problems.llm import LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds
+from evojax_merge.problems.llm import (LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds,
+                                      task_skills)
 
 
 @dataclasses.dataclass
@@ -61,8 +62,10 @@ class LLMRecipeProblem(LanguageModelProblem):
     def __init__(self, opts: LLMRecipeOptions):
         self.options = opts
         r = opts.recipe
-        self.seeds = load_seeds(opts.seeds, need_base=get_method(r.merge_method).needs_base)
-        self.suite = build_task_suite(opts.task, opts.seeds, self.seeds.config, self.seeds.tokenizer)
+        self.skills = task_skills(opts.task, opts.seeds)  # the task files, checked before the models load
+        self.seeds = load_seeds(opts.seeds, need_base=get_method(r.merge_method).needs_base,
+                                check_base=opts.score_seeds)
+        self.suite = build_task_suite(opts.task, opts.seeds, self.seeds.config, self.seeds.tokenizer, self.skills)
         self.space = RecipeSpace(
             n_models=len(self.seeds.models), num_layers=self.seeds.config.num_hidden_layers, method=r.merge_method,
             genes=tuple(r.genes), layer_group=r.layer_group, families=FAMILIES if r.per_family else WHOLE_LAYER,

@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from evojax_merge.data.synthetic_text import make_splits
-from evojax_merge.errors import ConfigError
+from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.models import llama
 from evojax_merge.tasks import lm
-from evojax_merge.tasks.kinds import KINDS
+from evojax_merge.tasks.kinds import KINDS, PROMPT_FORMAT_NAMES
 
 PROMPT_FORMATS = {"plain": lambda p: p, "chatml": lm.chatml}
+assert tuple(PROMPT_FORMATS) == PROMPT_FORMAT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,7 @@ class GivenSkill:
     test: tuple  # TextExample: held out, scored for the best model only
     max_new_tokens: int
     fitness_kind: str | None = None  # how ``train`` is scored; None: ``kind``
+    source: str | None = None  # where the skill comes from (a manifest's files), named in error messages
 
 
 def suite_from_examples(skills: Sequence[GivenSkill], tokenizer, config: llama.LlamaConfig, *,
@@ -105,7 +107,9 @@ def suite_from_examples(skills: Sequence[GivenSkill], tokenizer, config: llama.L
     """Builds every skill's batches and scorer from the given examples.
 
     Raises:
-      ConfigError: unknown kind or prompt format, no skills, a skill listed twice.
+      ConfigError: unknown kind or prompt format, no skills, a skill listed twice, ``max_new_tokens`` < 1.
+      DataError: a skill without examples, examples its kind cannot score (e.g. multiple choice without
+        distractors), token ids outside the model's vocabulary; naming the skill and its ``source``.
     """
     if not skills:
         raise ConfigError("the task needs at least one skill")
@@ -118,15 +122,28 @@ def suite_from_examples(skills: Sequence[GivenSkill], tokenizer, config: llama.L
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     scorers, test_scorers, train, test = [], [], [], []
     for s in skills:
+        where = f"skill {s.name!r}" + (f" ({s.source})" if s.source else "")
         fitness_kind = s.fitness_kind or s.kind
         for kind, what in ((s.kind, "kind"), (fitness_kind, "fitness kind")):
             if kind not in KINDS:
-                raise ConfigError(f"unknown LM task {what} {kind!r} for skill {s.name!r}; known: {KINDS}")
+                raise ConfigError(f"unknown LM task {what} {kind!r} for {where}; known: {KINDS}")
+        if not isinstance(s.max_new_tokens, int) or isinstance(s.max_new_tokens, bool) or s.max_new_tokens < 1:
+            raise ConfigError(f"{where}: max_new_tokens must be an integer >= 1, got {s.max_new_tokens!r}")
         if fitness_kind == "answer_prob" and not config.eos_token_id:
-            raise ConfigError(f"fitness kind 'answer_prob' (skill {s.name!r}) needs the model config's "
+            raise ConfigError(f"fitness kind 'answer_prob' ({where}) needs the model config's "
                               "eos_token_id: the answer's probability includes its end")
-        train.append(_batch(fitness_kind, tokenizer, s.train, pad, fmt, config))
-        test.append(_batch(s.kind, tokenizer, s.test, pad, fmt, config))
+        for examples, kind, split in ((s.train, fitness_kind, "fitness"), (s.test, s.kind, "test")):
+            if not examples:
+                raise DataError(f"{where} has no {split} examples")
+            try:
+                batch = _batch(kind, tokenizer, examples, pad, fmt, config)
+            except DataError as e:
+                raise DataError(f"{where}, {split} examples: {e}") from None
+            top = int(np.max(batch["input_ids"]))
+            if top >= config.vocab_size:
+                raise DataError(f"{where}, {split} examples: the tokenizer gives token id {top}, outside the "
+                                f"model's vocabulary of {config.vocab_size} (a tokenizer of another model?)")
+            (train if split == "fitness" else test).append(batch)
         for kind, out in ((fitness_kind, scorers), (s.kind, test_scorers)):
             out.append(lm.make_scorer(kind, config, tokenizer, max_new_tokens=s.max_new_tokens,
                                       pad_token_id=pad, scan_layers=scan_layers))

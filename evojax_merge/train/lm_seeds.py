@@ -32,10 +32,11 @@ from typing import Callable
 import jax
 import numpy as np
 
-from evojax_merge.data.synthetic_text import CharTokenizer, TextExample, make_splits, read_jsonl, write_jsonl
+from evojax_merge.data.synthetic_text import CharTokenizer, TextExample, make_splits, write_jsonl
 from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.models import hf_io, llama
 from evojax_merge.files import write_atomic, write_json
+from evojax_merge.tasks.kinds import KINDS, PROMPT_FORMAT_NAMES
 from evojax_merge.train.lm_finetune import EvalTask, FinetuneConfig, evaluate, finetune, prepare_eval_tasks
 
 # How each skill is scored: a numeric answer by its last number, a list answer by exact string + EOS.
@@ -197,20 +198,26 @@ class SeedManifest:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "SeedManifest":
-        """Reads ``path`` (the seeds.json file, or the folder holding it).
+        """Reads ``path`` (the seeds.json file, or the folder holding it) and checks its entries.
 
         Raises:
-          DataError: no such file, or not a manifest (no ``models`` / ``tasks``).
+          DataError: no such file, not JSON, not a manifest (no ``models`` / ``tasks`` mappings), or an entry
+            of the wrong form (a model folder that is not a string, a task without a known scorer ``kind``
+            or an integer ``max_new_tokens`` >= 1, an unknown ``prompt_format``), naming the file and entry.
         """
         path = pathlib.Path(path)
         if path.is_dir():
             path = path / "seeds.json"
         if not path.is_file():
             raise DataError(f"no seeds.json manifest at {path}: build the seeds first (make_seeds.py)")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not isinstance(
                 data.get("tasks"), dict):
             raise DataError(f"{path} is not a seeds manifest (needs 'models' and 'tasks')")
+        _check_manifest(path, data)
         return cls(path, data)
 
     @property
@@ -227,18 +234,94 @@ class SeedManifest:
     def prompt_format(self) -> str:
         return self.data.get("prompt_format", "plain")
 
+    def split_file(self, skill: str, split: str) -> pathlib.Path:
+        """The data file of ``skill``'s ``split``; DataError naming the manifest entry when it has none."""
+        task = self.data["tasks"][skill]
+        if split not in task:
+            raise DataError(f"{self.path}: task {skill!r} has no split {split!r}")
+        rel = task[split]
+        if not isinstance(rel, str) or not rel:
+            raise DataError(f"{self.path}: tasks.{skill}.{split} must name a JSONL file, got {rel!r}")
+        file = self.path.parent / rel
+        if not file.is_file():
+            raise DataError(f"{self.path}: tasks.{skill}.{split} names {file}, which does not exist")
+        return file
+
     def tasks(self, split: str, limit: int | None = None) -> list[EvalTask]:
         """One task per skill on ``split`` (its first ``limit`` examples; DataError when it has fewer)."""
         tasks = []
         for skill, t in self.data["tasks"].items():
-            if split not in t:
-                raise DataError(f"{self.path}: task {skill!r} has no split {split!r}")
-            examples = read_jsonl(self.path.parent / t[split])
+            file = self.split_file(skill, split)
+            examples = read_examples(file)
             if limit is not None and limit > len(examples):
                 raise DataError(f"{self.path}: {limit} {split} examples asked of skill {skill!r}, "
-                                f"its split has {len(examples)}")
+                                f"its split has {len(examples)} ({file})")
             tasks.append(EvalTask(skill, t["kind"], tuple(examples[:limit]), t["max_new_tokens"]))
         return tasks
+
+
+def _check_manifest(path: pathlib.Path, data: dict) -> None:
+    """DataError naming ``path`` and the entry when a manifest entry the merging runs read is malformed."""
+    for key, folder in data["models"].items():
+        if not isinstance(folder, str) or not folder:
+            raise DataError(f"{path}: models.{key} must be a model folder (a path relative to the manifest), "
+                            f"got {folder!r}")
+    if not data["tasks"]:
+        raise DataError(f"{path}: 'tasks' lists no task")
+    for skill, task in data["tasks"].items():
+        where = f"{path}: tasks.{skill}"
+        if not isinstance(task, dict):
+            raise DataError(f"{where} must be a mapping (kind, max_new_tokens and the split files), got {task!r}")
+        if "kind" not in task:
+            raise DataError(f"{where} has no 'kind' (how it is scored: one of {', '.join(KINDS)})")
+        if task["kind"] not in KINDS:
+            raise DataError(f"{where}.kind must be one of {', '.join(KINDS)}, got {task['kind']!r}")
+        if "max_new_tokens" not in task:
+            raise DataError(f"{where} has no 'max_new_tokens' (tokens generated per answer, an integer >= 1)")
+        n = task["max_new_tokens"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise DataError(f"{where}.max_new_tokens must be an integer >= 1 (tokens generated per answer), "
+                            f"got {n!r}")
+        for split in ("train", "fitness", "test"):
+            if split in task and (not isinstance(task[split], str) or not task[split]):
+                raise DataError(f"{where}.{split} must name a JSONL file, got {task[split]!r}")
+    fmt = data.get("prompt_format", "plain")
+    if fmt not in PROMPT_FORMAT_NAMES:
+        raise DataError(f"{path}: prompt_format must be one of {', '.join(PROMPT_FORMAT_NAMES)}, got {fmt!r}")
+
+
+def read_examples(path: str | os.PathLike) -> list[TextExample]:
+    """The examples of a task's JSONL file (one ``{"prompt", "answer"[, "distractors"]}`` object a line),
+    checked: DataError naming the file and line for a line that is not such an object, or an empty file."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} cannot be read as UTF-8 text: {e}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: an example must be a JSON object with 'prompt' and 'answer', "
+                            f"got {type(d).__name__}")
+        for field in ("prompt", "answer"):
+            if field not in d:
+                raise DataError(f"{where}: no {field!r} (an example needs 'prompt' and 'answer')")
+            if not isinstance(d[field], str) or not d[field]:
+                raise DataError(f"{where}: {field!r} must be a non-empty string, got {d[field]!r}")
+        distractors = d.get("distractors", [])
+        if not isinstance(distractors, list) or not all(isinstance(x, str) and x for x in distractors):
+            raise DataError(f"{where}: 'distractors' must be a list of non-empty strings, got {distractors!r}")
+        out.append(TextExample(d["prompt"], d["answer"], tuple(distractors)))
+    if not out:
+        raise DataError(f"{path} holds no examples (an empty task file)")
+    return out
 
 
 def add_heldout_split(seeds_dir: str | os.PathLike, split: str, n: int, data_seed: int = 0,
@@ -269,7 +352,7 @@ def add_heldout_split(seeds_dir: str | os.PathLike, split: str, n: int, data_see
     for skill, task in data["tasks"].items():
         if split in task:
             raise ConfigError(f"{manifest.path}: skill {skill!r} already has a split {split!r}; pick another name")
-        used = {e.prompt for f in _split_files(task).values() for e in read_jsonl(manifest.path.parent / f)}
+        used = {e.prompt for f in _split_files(task).values() for e in read_examples(manifest.path.parent / f)}
         wanted = len(used) + n
         while True:  # the stream's prefix is fixed by the seed: asking for more only appends to it
             stream, _ = make_splits(skill, wanted, 0, data_seed)
