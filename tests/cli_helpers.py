@@ -99,3 +99,70 @@ def assert_refused(result, *mentions, absent=()):
     for path in absent:
         assert not pathlib.Path(path).exists(), f"{path} left behind after: {errors[0]}"
     return errors[0]
+
+
+def _exported_file(path, replace):
+    """A file of an exported candidate by what it holds: tensors and arrays by dtype, shape and bytes,
+    JSON / YAML parsed, other files as bytes; ``replace`` maps text (a run directory's path) to a stand-in."""
+    import numpy as np
+    import yaml
+
+    path = pathlib.Path(path)
+
+    def text():
+        content = path.read_text()
+        for old, new in replace.items():
+            content = content.replace(old, new)
+        return content
+
+    def array(x):
+        return str(x.dtype), x.shape, x.tobytes()
+
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return {k: array(v) for k, v in load_file(path).items()}
+    if path.suffix == ".npy":
+        return array(np.load(path))
+    if path.suffix == ".npz":
+        with np.load(path) as saved:
+            return {k: array(saved[k]) for k in saved.files}
+    if path.suffix == ".json":
+        return json.loads(text())
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_load(text())
+    data = path.read_bytes()
+    for old, new in replace.items():
+        data = data.replace(old.encode(), new.encode())
+    return data
+
+
+def final_export_results(run_dir, root=None):
+    """``final_results`` for runs that export folders (a language model's ``best/``: a Hugging Face or path
+    model, recipes, genomes): (metrics.csv text, summary without the session's speed, every file under
+    ``best/`` by its contents). Paths under ``root`` (default ``run_dir``; a pipeline's directory for its
+    stages, whose configs name the earlier stage) read ``RUN_DIR``, so two run directories compare."""
+    run_dir = pathlib.Path(run_dir)
+    replace = {str(pathlib.Path(root or run_dir).absolute()): "RUN_DIR", str(pathlib.Path(root or run_dir)): "RUN_DIR"}
+    summary_text = (run_dir / "summary.json").read_text()
+    for old, new in replace.items():
+        summary_text = summary_text.replace(old, new)
+    summary = json.loads(summary_text)
+    for key in ["wall_seconds_this_session", "evaluations_per_second_all_seeds"]:
+        summary.pop(key)
+    best = run_dir / "best"
+    files = {str(p.relative_to(run_dir)): _exported_file(p, replace) for p in sorted(best.rglob("*")) if p.is_file()}
+    return (run_dir / "metrics.csv").read_text(), summary, files
+
+
+def run_main(capsys, *args):
+    """``evojax-merge ARGS`` in this process (no JAX start-up per case): a CompletedProcess-like result
+    for :func:`assert_refused`; argparse's usage errors count as exit status 2 as on the command line."""
+    from evojax_merge.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 
 import yaml
 
@@ -24,6 +25,8 @@ from evojax_merge.config import check, from_dict, load_config, read_yaml_with_ov
 from evojax_merge.errors import CheckpointError
 from evojax_merge.files import write_json, write_yaml
 from evojax_merge.run import runner
+from evojax_merge.run.checkpoint import RunCheckpoints
+from evojax_merge.run.sharding import is_writer
 
 
 @dataclasses.dataclass
@@ -76,11 +79,15 @@ def run_pipeline(path, run_dir: pathlib.Path, resume: bool = False, progress: bo
         if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "complete":
             summaries[stage.name] = json.loads(summary_path.read_text())
             continue
-        if stage_dir.is_dir() and (stage_dir / "checkpoints").is_dir():
+        if stage_dir.is_dir() and _has_checkpoint(stage_dir):
             summary = runner.resume(stage_dir, progress=progress)
         else:
             overrides = [o.format(**dirs) for o in stage.set]
             experiment = runner.build(load_config(path.parent / stage.config, overrides))
+            if stage_dir.exists() and is_writer():
+                # Killed before the stage's first checkpoint: nothing of it can be resumed, and its run
+                # directory would refuse a new run, so the stage starts again.
+                shutil.rmtree(stage_dir)
             summary = runner.run(experiment, runner.new_run_dir(experiment.config, str(stage_dir)), progress=progress)
         summaries[stage.name] = summary
         if summary["status"] != "complete":
@@ -89,6 +96,17 @@ def run_pipeline(path, run_dir: pathlib.Path, resume: bool = False, progress: bo
     summary = {**last, "name": pipeline.name, "stages": {k: v["status"] for k, v in summaries.items()}}
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _has_checkpoint(stage_dir: pathlib.Path) -> bool:
+    """Whether a stage's run directory holds a finished checkpoint to resume from."""
+    if not (stage_dir / "checkpoints").is_dir():
+        return False
+    checkpoints = RunCheckpoints(stage_dir / "checkpoints")
+    try:
+        return checkpoints.resumable_step() is not None
+    finally:
+        checkpoints.close()
 
 
 def resume_pipeline(run_dir: pathlib.Path, progress: bool = True) -> dict:
