@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, parser) -> int:
     from evojax_merge.config import load_config
     from evojax_merge.run.pipeline import is_pipeline, resume_pipeline, run_pipeline
-    from evojax_merge.run.runner import build, new_run_dir, resume, run
+    from evojax_merge.files import check_destination, missing_folders, remove_if_empty
+    from evojax_merge.run.runner import build, default_run_dir, new_run_dir, resume, run
     from evojax_merge.run.sharding import is_writer
 
     if args.distributed:
@@ -116,30 +117,41 @@ def _run(args, parser) -> int:
     else:
         if not args.config:
             parser.error(f"{args.command} needs a CONFIG.yaml (or --resume RUN_DIR)")
+        if args.out:  # refused before the problem loads its data and models, which can take minutes
+            check_destination(args.out, folder=True)
         pipeline = is_pipeline(args.config)
         if pipeline:
             if args.set:
                 parser.error("a pipeline takes no --set: set each stage's overrides in the pipeline file")
             from evojax_merge.run.pipeline import load_pipeline
 
-            name = load_pipeline(args.config).name
-            run_dir = pathlib.Path(args.out) if args.out else _timestamped(name)
+            run_dir = pathlib.Path(args.out) if args.out else default_run_dir(load_pipeline(args.config).name)
+            check_destination(run_dir, folder=True)
             if run_dir.exists() and any(run_dir.iterdir()):
                 raise EvojaxMergeError(f"run directory {run_dir} exists and is not empty; use --resume {run_dir}")
         else:
             experiment = build(load_config(args.config, args.set))
-            run_dir = new_run_dir(experiment.config, args.out)
-        if is_writer():
-            print(f"run directory: {run_dir}", file=sys.stderr)
+            config = experiment.config
+            run_dir = pathlib.Path(args.out) if args.out else default_run_dir(config.name, config.run.out_dir)
+        created = missing_folders(run_dir)
+        if not pipeline:
+            new_run_dir(experiment.config, run_dir)  # refuses a non-empty folder before anything is removed below
         try:
+            if is_writer():
+                print(f"run directory: {run_dir}", file=sys.stderr)
             if pipeline:
                 summary = run_pipeline(args.config, run_dir, progress=not args.no_progress)
             else:
                 summary = run(experiment, run_dir, progress=not args.no_progress)
         except BaseException:
-            # Failed before a result was logged: leave no empty run behind.
-            if is_writer() and not any(run_dir.glob("**/metrics.csv")):
-                shutil.rmtree(run_dir, ignore_errors=True)
+            # Failed before a result was logged: leave no empty run behind, nor the folders made for it.
+            if is_writer() and run_dir.is_dir() and not any(run_dir.glob("**/metrics.csv")):
+                if created:  # made for this run, with the parents it needed
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    remove_if_empty(created[1:])
+                else:  # the user's own empty folder: empty it again
+                    for child in run_dir.iterdir():
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
             raise
     mean, se = summary["final_test_score_mean"], summary["final_test_score_standard_error"]
     groups = summary.get("final_test_score_per_group_mean", {})
@@ -152,12 +164,6 @@ def _run(args, parser) -> int:
         print(f"interrupted: resume with `{_resume_command(run_dir)}`", file=sys.stderr)
         return 130
     return 0
-
-
-def _timestamped(name: str) -> pathlib.Path:
-    import datetime
-
-    return pathlib.Path("runs") / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _resume_command(run_dir: pathlib.Path) -> str:
@@ -173,6 +179,11 @@ def _plot(args, parser) -> int:
 
     if bool(args.run_dirs) == bool(args.panel):
         parser.error("plot takes either run directories (one panel) or --panel TITLE ITEM ... (one or more panels)")
+    from evojax_merge.files import check_destination
+
+    for output in (args.out, args.table):
+        if output:
+            check_destination(output, folder=False)
     groups = [[args.title, *args.run_dirs]] if args.run_dirs else args.panel
     panels = [_read_panel(title, items, args.skip_missing) for title, *items in groups]
     for output in (args.out, args.table):  # e.g. runs/digits/ on a machine that has no runs yet
@@ -206,9 +217,13 @@ def _read_panel(title: str, items: list[str], skip_missing: bool) -> dict:
                 if skip_missing:
                     continue
                 raise EvojaxMergeError(f"reference line file {path} does not exist")
-            line = json.loads(path.read_text())
-            seeds = 1 if line.get("same_seed_models_in_every_run") else len(line.get("per_seed", []))
-            lines.append({"label": line["label"], "value": line["test_accuracy_mean"], "seeds": seeds})
+            try:
+                line = json.loads(path.read_text())
+                seeds = 1 if line.get("same_seed_models_in_every_run") else len(line.get("per_seed", []))
+                lines.append({"label": str(line["label"]), "value": float(line["test_accuracy_mean"]), "seeds": seeds})
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise EvojaxMergeError(f"{path} is not a reference line written by slerp-line "
+                                       f"({type(e).__name__}: {e})") from None
             continue
         curve = read_curve(path)
         if curve is None:
@@ -224,8 +239,12 @@ def _slerp_line(args) -> int:
 
     from evojax_merge.config import load_config
     from evojax_merge.files import write_atomic
+    from evojax_merge.files import check_destination
     from evojax_merge.run.slerp_line import brute_force_slerp
 
+    if args.ratios < 2:
+        raise EvojaxMergeError(f"--ratios must be at least 2 (both seed models), got {args.ratios}")
+    check_destination(args.out, folder=False)
     result = brute_force_slerp(load_config(args.config, args.set), num_ratios=args.ratios)
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     per_seed = result["per_seed"]

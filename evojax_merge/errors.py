@@ -20,3 +20,7 @@ class DataError(EvojaxMergeError, FileNotFoundError):
 
 class CheckpointError(EvojaxMergeError):
     """A checkpoint is missing, corrupt or does not fit the run it should resume."""
+
+
+class OutputError(EvojaxMergeError):
+    """An output path cannot be created or written (under a file, read-only, inside an input)."""

@@ -23,7 +23,7 @@ import yaml
 
 from evojax_merge.config import check, from_dict, load_config, read_yaml_with_overrides
 from evojax_merge.errors import CheckpointError
-from evojax_merge.files import write_json, write_yaml
+from evojax_merge.files import check_destination, write_json, write_yaml
 from evojax_merge.run import runner
 from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.sharding import is_writer
@@ -112,4 +112,5 @@ def _has_checkpoint(stage_dir: pathlib.Path) -> bool:
 def resume_pipeline(run_dir: pathlib.Path, progress: bool = True) -> dict:
     if not (run_dir / "pipeline.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a pipeline run directory (no pipeline.yaml)")
+    check_destination(run_dir, folder=True)
     return run_pipeline(run_dir / "pipeline.yaml", run_dir, resume=True, progress=progress)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import pathlib
 import signal
 import threading
@@ -30,8 +31,8 @@ import numpy as np
 import yaml
 
 from evojax_merge.config import Config, check, load_config
-from evojax_merge.errors import CheckpointError, ConfigError
-from evojax_merge.files import write_atomic, write_csv, write_json
+from evojax_merge.errors import CheckpointError, ConfigError, DataError
+from evojax_merge.files import check_destination, write_atomic, write_csv, write_json
 from evojax_merge.problems.registry import build_problem
 from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.engine import Engine, calls, log_schedule
@@ -107,14 +108,17 @@ def build(config: Config) -> Experiment:
     return Experiment(resolved, engine, fitness_data, test_data, schedule, per_step)
 
 
-def new_run_dir(config: Config, out: str | None) -> pathlib.Path:
+def default_run_dir(name: str, out_dir: str | os.PathLike = "runs") -> pathlib.Path:
+    """``out_dir/NAME-TIMESTAMP``: where a run goes without ``--out``."""
+    return pathlib.Path(out_dir) / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run_dir(config: Config, out: str | os.PathLike | None) -> pathlib.Path:
     """Create the run directory (``out`` if given, else ``run.out_dir/NAME-TIMESTAMP``) with config.yaml."""
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = pathlib.Path(config.run.out_dir) / f"{config.name}-{stamp}"
-    run_dir = pathlib.Path(out)
+    run_dir = pathlib.Path(out) if out is not None else default_run_dir(config.name, config.run.out_dir)
     if not is_writer():
         return run_dir  # process 0 creates it; the others only share its checkpoints folder
+    check_destination(run_dir, folder=True)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} exists and is not empty; use --resume {run_dir} to continue it")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,17 +264,26 @@ def resume(run_dir: str | pathlib.Path, progress: bool = True) -> dict:
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     if (run_dir / "summary.json").is_file() and _read_json(run_dir / "summary.json").get("status") == "complete":
         raise CheckpointError(f"{run_dir} holds a complete run: nothing to resume")
+    check_destination(run_dir, folder=True)  # e.g. a run directory copied onto read-only storage
     return run(build(load_config(run_dir / "config.yaml")), run_dir, resume=True, progress=progress)
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     """metrics.csv of a run as arrays of shape (num_logged_points, num_seeds), seeds in config order."""
-    rows = np.genfromtxt(pathlib.Path(run_dir) / "metrics.csv", delimiter=",", names=True)
-    seeds = list(dict.fromkeys(rows["seed"].astype(int)))
-    out = {}
-    for key in rows.dtype.names:
-        if key != "seed":
-            out[key] = np.stack([rows[key][rows["seed"] == s] for s in seeds], axis=1)
+    path = pathlib.Path(run_dir) / "metrics.csv"
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy warns (and guesses) on ragged rows and empty files
+            rows = np.atleast_1d(np.genfromtxt(path, delimiter=",", names=True))
+        names = rows.dtype.names or ()
+        if not {"seed", "evaluations", "test_score"} <= set(names) or len(rows) == 0:
+            raise ValueError("it needs a header with seed, evaluations and test_score and at least one row")
+        seeds = list(dict.fromkeys(rows["seed"].astype(int)))
+        out = {key: np.stack([rows[key][rows["seed"] == s] for s in seeds], axis=1) for key in names if key != "seed"}
+    except (OSError, ValueError, UserWarning) as e:
+        raise DataError(f"{path} is not a metrics file written by a run: {' '.join(str(e).split())}") from None
     return out
 
 
