@@ -183,7 +183,8 @@ def test_dfs_run_with_a_nan_layer_rejects_paths_through_it_and_reports_them(tmp_
                    path={"repeats": 1, "max_hops": 5, "indicator_off": -0.2}, strategy=DFS | {"sigma_init": 1.0},
                    run={"evaluations": 16, "log_every": 8, "checkpoint_every": 8, "generations_per_call": 1,
                         "batch_size": 4})
-    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", "problem.seeds.allow_nonfinite=true"]) == 0  # the NaN layer is the point here
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rows = _metrics(tmp_path / "run" / "metrics.csv")
     assert [int(r["evaluations"]) for r in rows] == [0, 8, 16]

@@ -149,7 +149,7 @@ def test_ps_and_m2n2_score_candidates_on_the_fitness_split_and_report_the_test_s
     assert {"test_score", "test_arithmetic", "test_list_ops"} <= set(header)
 
     m2n2 = _run(_config(tmp_path, root, problem="llm_models", strategy=M2N2, score_seeds=False,
-                        run={"evaluations": 3, "log_every": 1, "checkpoint_every": 1}), m2n2_dir)
+                        run={"evaluations": 4, "log_every": 1, "checkpoint_every": 1}), m2n2_dir)
     assert set(m2n2["final_test_score_per_group_mean"]) == {"arithmetic", "list_ops"}
     assert "baselines" not in m2n2  # score_seeds: false
     # The archive starts with the seeds scored on the 7 fitness problems; A gets 4 of them.
@@ -157,7 +157,7 @@ def test_ps_and_m2n2_score_candidates_on_the_fitness_split_and_report_the_test_s
         first = next(csv.DictReader(f))
     assert int(first["evaluations"]) == 2
     assert float(first["train_score"]) >= 4 / 7 - 1e-6
-    assert m2n2["evaluations_per_seed"] == 3
+    assert m2n2["evaluations_per_seed"] == 4  # 2 seeds, 1 warm-up merge, 1 M2N2 child
 
 
 @pytest.mark.parametrize("overrides, message", [
