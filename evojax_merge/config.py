@@ -119,7 +119,7 @@ def options(cls, spec: dict[str, Any], section: str):
 
 # YAML 1.1 (PyYAML) reads 1e-3 as a string: only 1.0e-3 is a float there. Users write 1e-3.
 _NAME = re.compile(r"[\w.+=-]+\Z")
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def from_dict(cls, data: Any, prefix: str = ""):
@@ -172,7 +172,7 @@ def _coerce(hint, value, key: str):
             raise ConfigError(f"config key '{key}' must fit in a 64-bit integer, got {value}")
         return value
     if hint is float and not isinstance(value, bool) and (isinstance(value, (int, float))
-                                                         or isinstance(value, str) and _FLOAT.match(value.strip())):
+                                                         or isinstance(value, str) and FLOAT_TEXT.match(value.strip())):
         try:
             number = float(value)
         except OverflowError:  # an integer beyond the float range
@@ -200,7 +200,7 @@ def read_yaml_with_overrides(path: str | pathlib.Path | None, overrides: list[st
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_line(e)}") from None
         except RecursionError:
             raise ConfigError(f"config file {path} nests too deeply") from None
         if not isinstance(data, dict):
@@ -219,11 +219,11 @@ def read_yaml_with_overrides(path: str | pathlib.Path | None, overrides: list[st
         try:
             node[leaf] = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {override!r}: the value is not valid YAML: {_one_line(e)}") from None
+            raise ConfigError(f"override {override!r}: the value is not valid YAML: {yaml_error_line(e)}") from None
     return data
 
 
-def _one_line(error: yaml.YAMLError) -> str:
+def yaml_error_line(error: yaml.YAMLError) -> str:
     """PyYAML's message (several lines, with a quoted excerpt) as one line with the position."""
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]

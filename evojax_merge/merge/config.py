@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from evojax_merge.config import _FLOAT, _one_line
+from evojax_merge.config import FLOAT_TEXT, yaml_error_line
 from evojax_merge.errors import ConfigError
 from evojax_merge.merge.names import tensor_layer
 from evojax_merge.merge.registry import RESCALE_CONVENTIONS, SPECS, MethodSpec, get_spec
@@ -116,7 +116,7 @@ class Recipe:
 
 def _number(value: Any) -> Any:
     """``1e-3`` written in YAML (a string for YAML 1.1) as the float it means; anything else unchanged."""
-    if isinstance(value, str) and _FLOAT.match(value.strip()):
+    if isinstance(value, str) and FLOAT_TEXT.match(value.strip()):
         return float(value)
     return value
 
@@ -226,7 +226,7 @@ def parse_recipe(path: str | Path) -> Recipe:
     except UnicodeDecodeError:
         raise ConfigError(f"cannot read recipe {path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {_one_line(err)}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML: {yaml_error_line(err)}") from None
     except RecursionError:
         raise ConfigError(f"recipe {path} nests too deeply") from None
     if raw is None:
