@@ -20,9 +20,17 @@ def tree_vdot(a, b) -> jax.Array:
 
 
 def slerp_angle(a, b) -> jax.Array:
-    """Angle between pytrees ``a`` and ``b`` seen as flat vectors (0 if either is zero)."""
-    norm_product = jnp.sqrt(tree_vdot(a, a) * tree_vdot(b, b))
-    cos_omega = jnp.clip(tree_vdot(a, b) / jnp.maximum(norm_product, 1e-30), -1.0, 1.0)
+    """Angle between pytrees ``a`` and ``b`` seen as flat vectors (pi / 2 if either is zero)."""
+    return angle_of_inner_products(tree_vdot(a, a), tree_vdot(b, b), tree_vdot(a, b))
+
+
+def angle_of_inner_products(aa: jax.Array, bb: jax.Array, ab: jax.Array) -> jax.Array:
+    """Angle between two vectors from their inner products <a, a>, <b, b>, <a, b> (elementwise over arrays).
+
+    Where either vector is zero the cosine is 0 / tiny = 0: the angle is pi / 2 and never NaN.
+    """
+    norm_product = jnp.sqrt(aa * bb)
+    cos_omega = jnp.clip(ab / jnp.maximum(norm_product, 1e-30), -1.0, 1.0)
     return jnp.arccos(cos_omega)
 
 

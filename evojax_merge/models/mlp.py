@@ -49,3 +49,10 @@ class MLP(nn.Module):
         for layer in layers[1:]:
             h = jnp.einsum("hn,ho->on", nn.relu(h), layer["kernel"]) + layer["bias"][:, None]
         return h.T
+
+    def features(self, params, x: jax.Array) -> jax.Array:
+        """Activations of the last hidden layer, (n, hidden_sizes[-1]): the classifier's view of its inputs."""
+        for i in range(len(self.hidden_sizes)):
+            layer = params[f"Dense_{i}"]
+            x = nn.relu(x @ layer["kernel"] + layer["bias"])
+        return x

@@ -35,7 +35,8 @@ import pathlib
 from typing import Any
 
 import jax
-import numpy as np
+
+from evojax_merge.models.pytree_file import save_pytree  # noqa: F401 (part of the contract's API)
 
 
 class Problem:
@@ -66,20 +67,6 @@ class Problem:
 
     def baselines(self, test_data) -> dict:
         return {}
-
-
-def save_pytree(path: pathlib.Path, tree) -> pathlib.Path:
-    """A pytree's leaves as one .npz (written atomically), keyed by their pytree paths."""
-    from evojax_merge.files import write_atomic
-    import io
-
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    arrays = {jax.tree_util.keystr(path) or "candidate": np.asarray(leaf) for path, leaf in leaves}
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buffer.getvalue())
-    return path
 
 
 REQUIRED_MEMBERS = ("template", "data", "seed_candidates", "score")

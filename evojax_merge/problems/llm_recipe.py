@@ -27,21 +27,9 @@ from evojax_merge.merge.names import FAMILIES
 from evojax_merge.merge.operators import get_method, stack_trees
 from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_genome
 from evojax_merge.models import hf_io
+from evojax_merge.problems.recipe_options import RecipeOptions
 from evojax_merge.problems.llm import (LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds,
                                       task_skills)
-
-
-@dataclasses.dataclass
-class RecipeOptions:
-    merge_method: str = "dare_ties"
-    genes: list[str] = dataclasses.field(default_factory=lambda: ["weight", "density"])
-    init: float = 0.5  # every gene starts here (the paper)
-    layer_group: int = 1  # consecutive layers sharing genes
-    per_family: bool = False  # separate genes for attention / MLP / norms (mergekit-evolve's filters)
-    embeddings_as_layers: bool = True  # input embeddings and output head get genes of their own
-    allow_negative_weights: bool = False  # the paper does not force a simplex, nor negative weights
-    normalize: bool | None = None  # method option; null: the method's default
-    merge_seed: int = 0  # DARE / DELLA masks (the same for every candidate)
 
 
 @dataclasses.dataclass

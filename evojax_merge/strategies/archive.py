@@ -7,15 +7,20 @@ that is filled or empty. Children are bred one per PRNG key (``_breed``) and ins
 A warm-up (``warmup`` children, M2N2's language-model setting) breeds the first children as random merges
 of two distinct seed models instead: a split-point SLERP of the pair with a uniform split point and mixing
 ratio, parents drawn uniformly rather than by fitness. The seeds are kept in the state for it (``seeds``).
+
+With ``split_groups`` (:class:`~evojax_merge.merge.crossover.CrossoverGroups`) every crossover, the
+warm-up's included, draws one split point and one mixing ratio per group of parameters.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 
-from evojax_merge.merge.crossover import split_point_crossover
+from evojax_merge.merge.crossover import CrossoverGroups, grouped_split_point_crossover, split_point_crossover
 
 
 class ArchiveStrategy:
@@ -28,9 +33,12 @@ class ArchiveStrategy:
         steps of ``num_children``); 0: none.
       num_seeds: seed models to start from when the problem makes them (a problem with given seed
         models, e.g. fine-tuned language models, hands all of them over).
+      split_groups: groups of parameters crossed over with separate split points and mixing ratios
+        (:func:`~evojax_merge.merge.crossover.crossover_groups`); None: one split point over all of them.
     """
 
-    def __init__(self, solution, num_children: int, warmup: int = 0, num_seeds: int = 2):
+    def __init__(self, solution, num_children: int, warmup: int = 0, num_seeds: int = 2,
+                 split_groups: CrossoverGroups | None = None):
         if num_children < 1:
             raise ValueError(f"num_children must be at least 1, got {num_children}")
         if warmup < 0:
@@ -44,6 +52,9 @@ class ArchiveStrategy:
         flat, self._unravel = jax.flatten_util.ravel_pytree(template)
         self.num_dims = flat.size
         self.dtype = flat.dtype
+        if split_groups is not None and split_groups.num_dims != self.num_dims:
+            raise ValueError(f"split_groups cover {split_groups.num_dims} parameters, the solution has {self.num_dims}")
+        self.split_groups = split_groups
 
     def ravel(self, tree) -> jax.Array:
         """Flat vector of one parameter pytree (the layout of the archive rows)."""
@@ -84,7 +95,8 @@ class ArchiveStrategy:
 
         if self.warmup:
             def warm():
-                return jax.vmap(random_seed_merge, in_axes=(0, None))(keys, state.seeds)
+                merge = functools.partial(random_seed_merge, split_groups=self.split_groups)
+                return jax.vmap(merge, in_axes=(0, None))(keys, state.seeds)
 
             children = jax.lax.cond(state.generation_counter < self.warmup_steps, warm, breed)
         else:
@@ -125,15 +137,29 @@ class ArchiveStrategy:
         raise NotImplementedError
 
 
-def random_seed_merge(key: jax.Array, seeds_flat: jax.Array) -> jax.Array:
+def random_seed_merge(key: jax.Array, seeds_flat: jax.Array,
+                      split_groups: CrossoverGroups | None = None) -> jax.Array:
     """A random merge of two distinct seeds: split-point SLERP with a uniform split and mixing ratio.
 
     M2N2's language-model experiment starts from the seeds and a warm-up of random merges of them; the
     crossover is the search's own, with parents drawn uniformly instead of by fitness and attraction.
+
+    Args:
+      key: PRNG key.
+      seeds_flat: (n, num_dims) flat seed models, n >= 2.
+      split_groups: with groups, one uniform split (over 0..size, both ends included) and one mixing
+        ratio per group; None: one for the whole vector.
+    Returns:
+      The (num_dims,) child.
     """
     n, dims = seeds_flat.shape
     key_pair, key_split, key_ratio = jax.random.split(key, 3)
     pair = jax.random.choice(key_pair, n, (2,), replace=False)
-    split = jax.random.randint(key_split, (), 0, dims + 1)
-    ratio = jax.random.uniform(key_ratio)
-    return split_point_crossover(split, ratio, seeds_flat[pair[0]], seeds_flat[pair[1]])
+    if split_groups is None:
+        split = jax.random.randint(key_split, (), 0, dims + 1)
+        ratio = jax.random.uniform(key_ratio)
+        return split_point_crossover(split, ratio, seeds_flat[pair[0]], seeds_flat[pair[1]])
+    sizes = jnp.asarray(split_groups.sizes)
+    splits = jax.random.randint(key_split, sizes.shape, 0, sizes + 1)
+    ratios = jax.random.uniform(key_ratio, sizes.shape)
+    return grouped_split_point_crossover(splits, ratios, seeds_flat[pair[0]], seeds_flat[pair[1]], split_groups)

@@ -17,6 +17,12 @@ of shape (num_children, num_points) rather than one fitness per child; higher is
 Ablations are static switches: ``crossover=False`` copies parent A; ``split_point=False`` uses one global
 SLERP; ``matchmaker=False`` draws B like A. The GA baseline is ``alpha=0`` with ``matchmaker=False``.
 
+Two options of the paper's diffusion-model experiment: ``split_groups`` crosses groups of parameters over
+with separate split points and mixing ratios ("attention layers and the rest are merged with separate
+split points"), and ``relative_scores`` makes competition and attraction use, on every data point, the score
+minus the worst score of the competing models there (for scores such as a similarity that no model scores
+0 on, the resource shared is the margin over the worst model, not the raw score).
+
 ``num_children > 1`` is a variant for wide accelerators: all children of a step are bred from the same
 archive and evaluated as one batch, then inserted one after another (each insertion recomputes the
 shared fitness with that child). With ``num_children=1`` it is the paper's algorithm.
@@ -28,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from evojax_merge.merge.crossover import split_point_crossover
+from evojax_merge.merge.crossover import CrossoverGroups, grouped_split_point_crossover, split_point_crossover
 from evojax_merge.strategies.archive import ArchiveStrategy
 
 
@@ -61,6 +67,10 @@ class M2N2(ArchiveStrategy):
       mutation: add N(0, mutation_std^2) noise (on for from-scratch runs, off for pre-trained seeds).
       num_seeds: seed models the archive starts from when the problem makes them from a key.
       warmup: first children bred as random merges of two seeds (the paper's LLM setting: 50).
+      split_groups: groups of parameters with their own split point and mixing ratio (the paper's
+        diffusion setting: attention layers and the rest); None: one split point over all parameters.
+      relative_scores: competition and attraction see, on every data point, the score minus the lowest
+        score of the models taking part (the paper's diffusion setting); the archive keeps raw scores.
     """
 
     def __init__(
@@ -74,15 +84,18 @@ class M2N2(ArchiveStrategy):
         mutation: bool = True,
         warmup: int = 0,
         num_seeds: int = 2,
+        split_groups: CrossoverGroups | None = None,
+        relative_scores: bool = False,
     ):
         if archive_size < 2:
             raise ValueError(f"archive_size must be at least 2, got {archive_size}")
-        super().__init__(solution, num_children, warmup, num_seeds)
+        super().__init__(solution, num_children, warmup, num_seeds, split_groups)
         self.archive_size = archive_size
         self.crossover = crossover
         self.split_point = split_point
         self.matchmaker = matchmaker
         self.mutation = mutation
+        self.relative_scores = relative_scores
 
     def slot_train_scores(self, state: State) -> jax.Array:
         """Mean training score of every archive member, -inf for empty slots."""
@@ -115,14 +128,17 @@ class M2N2(ArchiveStrategy):
         # Two PRNG calls per child (uniforms for every choice, normals for the mutation): on CPU each
         # threefry call is a small loop, and a dozen of them per generation cost more than the breeding.
         key_choices, key_mutation = jax.random.split(key)
+        num_splits = 1 if self.split_groups is None else self.split_groups.num_groups
         u_a, u_b, u_split_and_ratio = jnp.split(
-            jax.random.uniform(key_choices, (2 * self.archive_size + 2,)), [self.archive_size, 2 * self.archive_size]
+            jax.random.uniform(key_choices, (2 * self.archive_size + 2 * num_splits,)),
+            [self.archive_size, 2 * self.archive_size],
         )
-        weights = resource_weights(state.scores, state.filled, params.alpha)
-        fitness = jnp.where(state.filled, state.scores @ weights, 0.0)
+        scores = relative_to_worst(state.scores, state.filled) if self.relative_scores else state.scores
+        weights = resource_weights(scores, state.filled, params.alpha)
+        fitness = jnp.where(state.filled, scores @ weights, 0.0)
         index_a = sample_proportional(u_a, fitness, state.filled)
         if self.matchmaker:
-            appeal = jnp.where(state.filled, attraction(state.scores, state.scores[index_a], weights), 0.0)
+            appeal = jnp.where(state.filled, attraction(scores, scores[index_a], weights), 0.0)
             # When A is at least as good as everyone everywhere no one attracts: fall back to fitness.
             appeal = jnp.where(jnp.sum(appeal) > 0, appeal, fitness)
             index_b = sample_proportional(u_b, appeal, state.filled)
@@ -131,7 +147,7 @@ class M2N2(ArchiveStrategy):
         return offspring(
             key_mutation, u_split_and_ratio, state.archive[index_a], state.archive[index_b],
             crossover=self.crossover, split_point=self.split_point,
-            mutation_std=params.mutation_std if self.mutation else None,
+            mutation_std=params.mutation_std if self.mutation else None, split_groups=self.split_groups,
         )
 
     def _insert(self, child, child_scores: jax.Array, state: State, params: Params):
@@ -139,6 +155,8 @@ class M2N2(ArchiveStrategy):
         child_scores = jnp.where(valid, child_scores, 0.0)
         scores = jnp.concatenate([state.scores, child_scores[None]])
         counted = jnp.concatenate([state.filled, valid[None]])
+        if self.relative_scores:
+            scores = relative_to_worst(scores, counted)
         fitness = scores @ resource_weights(scores, counted, params.alpha)
         # Empty slots rank below everything so they are filled first.
         archive_fitness = jnp.where(state.filled, fitness[:-1], -jnp.inf)
@@ -176,6 +194,25 @@ def resource_weights(scores: jax.Array, counted: jax.Array, alpha) -> jax.Array:
     return capacity / jnp.where(divisor == 0, 1.0, divisor)
 
 
+def relative_to_worst(scores: jax.Array, counted: jax.Array) -> jax.Array:
+    """Scores minus, on every data point, the lowest score of the counted models there.
+
+    The paper's diffusion experiment competes on "normalised similarity minus the population's worst score
+    on that sample": no model scores 0 on a similarity, so on raw scores every model holds a similar share
+    of every point and the shared fitness is close to the plain summed score. The worst counted model
+    scores 0 on every point; where no model is counted nothing is subtracted.
+
+    Args:
+      scores: (M, N) per-data-point scores.
+      counted: (M,) bool, the models that take part (rows not counted are shifted too, but ignored by
+        ``resource_weights`` and never chosen).
+    Returns:
+      (M, N) relative scores.
+    """
+    worst = jnp.min(jnp.where(counted[:, None], scores, jnp.inf), axis=0)
+    return scores - jnp.where(jnp.any(counted), worst, 0.0)
+
+
 def attraction(scores: jax.Array, parent_scores: jax.Array, weights: jax.Array) -> jax.Array:
     """g_k = sum_j w_j max(0, s_kj - s_Aj): what each model adds where parent A is weak (M2N2 eq. 4)."""
     return jnp.maximum(scores - parent_scores[None], 0.0) @ weights
@@ -192,19 +229,34 @@ def sample_proportional(uniforms: jax.Array, weights: jax.Array, allowed: jax.Ar
     return jnp.argmax(jnp.where(weights > 0, jnp.log(weights) + gumbel, -jnp.inf))
 
 
-def offspring(key_mutation, u_split_and_ratio, parent_a, parent_b, *, crossover: bool, split_point: bool, mutation_std):
+def offspring(key_mutation, u_split_and_ratio, parent_a, parent_b, *, crossover: bool, split_point: bool, mutation_std,
+              split_groups: CrossoverGroups | None = None):
     """One child of two flat parent vectors: split-point SLERP crossover, then optional Gaussian mutation.
 
     Args:
       key_mutation: PRNG key of the mutation noise.
       u_split_and_ratio: two U(0, 1) draws: the split point (uniform over 0..num_dims, both ends included)
-        and the mixing ratio.
+        and the mixing ratio. With G ``split_groups``: 2 G draws, G split points (group g's uniform over
+        0..sizes[g]) then G mixing ratios.
       parent_a, parent_b: (num_dims,) flat parameter vectors.
       crossover: False returns (a mutated copy of) parent A.
-      split_point: False uses one global SLERP with the mixing ratio (split at num_dims).
+      split_point: False uses one global SLERP with the mixing ratio (split at num_dims; with groups,
+        one SLERP per group with its ratio).
       mutation_std: std of the Gaussian added to every entry, or None for no mutation.
+      split_groups: groups crossed over each with its own split point and ratio; None: one group.
+    Returns:
+      The (num_dims,) child.
     """
-    if crossover:
+    if crossover and split_groups is not None:
+        u_splits, mixing_ratios = jnp.split(u_split_and_ratio, 2)
+        sizes = jnp.asarray(split_groups.sizes)
+        if split_point:
+            # The draw of the ungrouped case below, per group.
+            splits = jnp.minimum(jnp.floor(u_splits * (sizes + 1)), sizes).astype(jnp.int32)
+        else:
+            splits = sizes
+        child = grouped_split_point_crossover(splits, mixing_ratios, parent_a, parent_b, split_groups)
+    elif crossover:
         num_dims = parent_a.shape[0]
         u_split, mixing_ratio = u_split_and_ratio
         if split_point:

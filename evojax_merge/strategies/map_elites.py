@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from evojax_merge.merge.crossover import CrossoverGroups
 from evojax_merge.strategies.archive import ArchiveStrategy
 from evojax_merge.strategies.m2n2 import offspring, sample_proportional
 
@@ -63,6 +64,8 @@ class MAPElites(ArchiveStrategy):
       mutation: add N(0, mutation_std^2) noise (on from scratch, off for pre-trained seeds).
       num_seeds: seed models the archive starts from when the problem makes them from a key.
       warmup: first children bred as random merges of two seeds (see ``ArchiveStrategy``).
+      split_groups: groups of parameters with their own split point and mixing ratio (as M2N2's);
+        None: one split point over all parameters.
     """
 
     def __init__(
@@ -77,10 +80,11 @@ class MAPElites(ArchiveStrategy):
         mutation: bool = True,
         warmup: int = 0,
         num_seeds: int = 2,
+        split_groups: CrossoverGroups | None = None,
     ):
         if num_axes < 1 or bins < 1:
             raise ValueError(f"num_axes and bins must be at least 1, got {num_axes} and {bins}")
-        super().__init__(solution, num_children, warmup, num_seeds)
+        super().__init__(solution, num_children, warmup, num_seeds, split_groups)
         self.descriptor_fn = descriptor_fn
         self.num_axes = num_axes
         self.bins = bins
@@ -120,8 +124,10 @@ class MAPElites(ArchiveStrategy):
 
     def _breed(self, key: jax.Array, state: State, params: Params):
         key_choices, key_mutation = jax.random.split(key)
+        num_splits = 1 if self.split_groups is None else self.split_groups.num_groups
         u_a, u_b, u_split_and_ratio = jnp.split(
-            jax.random.uniform(key_choices, (2 * self.num_cells + 2,)), [self.num_cells, 2 * self.num_cells]
+            jax.random.uniform(key_choices, (2 * self.num_cells + 2 * num_splits,)),
+            [self.num_cells, 2 * self.num_cells],
         )
         uniform = state.filled.astype(jnp.float32)
         index_a = sample_proportional(u_a, uniform, state.filled)
@@ -129,7 +135,7 @@ class MAPElites(ArchiveStrategy):
         return offspring(
             key_mutation, u_split_and_ratio, state.archive[index_a], state.archive[index_b],
             crossover=self.crossover, split_point=self.split_point,
-            mutation_std=params.mutation_std if self.mutation else None,
+            mutation_std=params.mutation_std if self.mutation else None, split_groups=self.split_groups,
         )
 
     def _insert(self, child: jax.Array, child_scores: jax.Array, state: State, params: Params):

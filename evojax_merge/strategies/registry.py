@@ -26,6 +26,7 @@ import inspect
 from evojax_merge.config import check as _check
 from evojax_merge.config import options as read_options
 from evojax_merge.errors import ConfigError
+from evojax_merge.merge.crossover import crossover_groups
 from evojax_merge.plugins import load_attribute
 from evojax_merge.strategies.evosax_adapter import build_evosax, is_evosax_name
 
@@ -40,12 +41,26 @@ class ArchiveOptions:
     mutation_std: float = 0.01  # 0 disables mutation (pre-trained or language-model seeds)
     children_per_step: int = 1  # > 1 is the batched variant for wide accelerators
     warmup: int = 0  # first children bred as random merges of two seeds (M2N2's LLM setting: 50)
+    # Separate split points: regular expressions searched in the parameter paths (jax.tree_util.keystr,
+    # e.g. "['layers']['q_proj']"); a parameter goes to the first that matches, the rest form one more
+    # group, and every group gets its own split point and mixing ratio. ["attn"] gives attention tensors
+    # their own split point and the rest another (the paper's diffusion U-Nets); for this project's Llama
+    # pytrees the attention is "[qkvo]_proj". null: one split point over all parameters.
+    split_groups: list[str] | None = None
 
     def validate(self):
         _check(self.num_seed_models >= 1, "strategy.num_seed_models", "must be >= 1")
         _check(self.mutation_std >= 0, "strategy.mutation_std", "must be >= 0")
         _check(self.children_per_step >= 1, "strategy.children_per_step", "must be >= 1")
         _check(self.warmup >= 0, "strategy.warmup", "must be >= 0")
+        if self.split_groups is not None:
+            _check(len(self.split_groups) >= 1, "strategy.split_groups",
+                   "must list at least one pattern (null: one split point over all parameters)")
+            _check(all(self.split_groups), "strategy.split_groups", "must not contain an empty pattern")
+
+    def crossover_groups(self, template):
+        """The parameter groups of ``split_groups`` over ``template`` (None without them)."""
+        return None if self.split_groups is None else crossover_groups(template, self.split_groups)
 
 
 @dataclasses.dataclass
@@ -53,6 +68,9 @@ class M2N2Options(ArchiveOptions):
     archive_size: int = 20
     alpha: float = 1.0  # competition strength (0 with matchmaker off is the GA baseline)
     matchmaker: bool = True  # attraction: choose parent B by complementarity to parent A
+    # Competition and attraction on each data point's score minus the archive's worst score there (the
+    # paper's diffusion setting, for scores no model gets 0 on); the archive and best keep raw scores.
+    relative_scores: bool = False
 
     def validate(self):
         super().validate()
@@ -86,7 +104,8 @@ def build_m2n2(problem, spec: dict):
     strategy = M2N2(
         archive_size=s.archive_size, solution=problem.template, num_children=s.children_per_step,
         crossover=s.crossover, split_point=s.split_point, matchmaker=s.matchmaker, mutation=s.mutation_std > 0,
-        warmup=s.warmup, num_seeds=s.num_seed_models,
+        warmup=s.warmup, num_seeds=s.num_seed_models, split_groups=s.crossover_groups(problem.template),
+        relative_scores=s.relative_scores,
     )
     return strategy, Params(alpha=s.alpha, mutation_std=s.mutation_std), dataclasses.asdict(s)
 
@@ -109,6 +128,7 @@ def build_map_elites(problem, spec: dict):
         solution=problem.template, descriptor_fn=group_mean_descriptor(membership), num_axes=len(membership),
         bins=s.grid_bins, num_children=s.children_per_step, crossover=s.crossover, split_point=s.split_point,
         mutation=s.mutation_std > 0, warmup=s.warmup, num_seeds=s.num_seed_models,
+        split_groups=s.crossover_groups(problem.template),
     )
     return strategy, Params(mutation_std=s.mutation_std), dataclasses.asdict(s)
 
