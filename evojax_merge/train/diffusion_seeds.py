@@ -59,6 +59,7 @@ class DiffusionSeedOptions:
     specialist_steps: int = 1000  # Adam steps of each specialist, from the base
     batch_size: int = 128
     learning_rate: float = 2e-3  # peak of a cosine decay, per model
+    specialist_learning_rate: float | None = None  # the specialists' fine-tuning peak; null: learning_rate
     judge_hidden: int = 256
     judge_steps: int = 500  # full-batch Adam steps of the judge
     judge_learning_rate: float = 3e-3
@@ -191,14 +192,15 @@ def build_diffusion_seeds(opts: DiffusionSeedOptions, out_dir: pathlib.Path, log
 
     trainer = FlowTrainer(unet, train_images, opts.batch_size)
 
-    def fit(params, labels, weights, steps, key, name):
-        params, loss = trainer.train(params, labels, weights, steps, opts.learning_rate, key, name)
+    def fit(params, labels, weights, steps, learning_rate, key, name):
+        params, loss = trainer.train(params, labels, weights, steps, learning_rate, key, name)
         return params, f"final loss {loss:.4f}"
 
+    fine_tune_rate = opts.learning_rate if opts.specialist_learning_rate is None else opts.specialist_learning_rate
     no_class = np.full_like(train_labels, dataset.num_classes)
     everything = np.ones(len(train_labels), np.float32)
     base = trained("base", lambda: fit(unet.init_params(key_init), no_class, everything, opts.base_steps,
-                                       key_base, "base"), unet_template)
+                                       opts.learning_rate, key_base, "base"), unet_template)
     manifest["models"]["base"] = {"file": "base.npz", "classes": None, "steps": opts.base_steps}
 
     for i, group in enumerate(opts.class_groups):
@@ -207,7 +209,7 @@ def build_diffusion_seeds(opts: DiffusionSeedOptions, out_dir: pathlib.Path, log
             name = f"{name}_{i}"
         keep = np.isin(train_labels, group)
         trained(name, lambda keep=keep, i=i, name=name: fit(
-            base, train_labels, keep.astype(np.float32), opts.specialist_steps,
+            base, train_labels, keep.astype(np.float32), opts.specialist_steps, fine_tune_rate,
             jax.random.fold_in(key_specialists, i), name), unet_template)
         manifest["models"][name] = {"file": f"{name}.npz", "classes": list(group), "steps": opts.specialist_steps}
 
