@@ -53,9 +53,15 @@ class Engine:
     batch_size: int | None = None
 
     @property
+    def scores_seeds(self) -> bool:
+        """Whether the seed candidates are scored: when they are candidates, or when the strategy starts from
+        their scores (an archive's first members), even if the problem calls them a starting point only."""
+        return bool(self.problem.evaluate_seeds or getattr(self.strategy, "needs_seed_scores", False))
+
+    @property
     def seed_cost(self) -> int:
-        """Evaluations the start costs: the seed candidates, unless they are a starting point only."""
-        return self.num_seeds if self.problem.evaluate_seeds else 0
+        """Evaluations the start costs: the seed candidates if they are scored."""
+        return self.num_seeds if self.scores_seeds else 0
 
     def evaluate(self, candidates, fitness_data) -> jax.Array:
         """(n, points) scores of candidates with a leading axis n."""
@@ -67,7 +73,7 @@ class Engine:
         """Make (and score) the seed candidates and the strategy state of one run."""
         key, key_seeds, key_strategy = jax.random.split(seed_key, 3)
         seeds = self.problem.seed_candidates(key_seeds, self.num_seeds, fitness_data)
-        scores = self.evaluate(seeds, fitness_data) if self.problem.evaluate_seeds else None
+        scores = self.evaluate(seeds, fitness_data) if self.scores_seeds else None
         state = self.strategy.init(key_strategy, seeds, scores, self.strategy_params)
         return RunState(state, key, jnp.int32(self.seed_cost))
 

@@ -37,6 +37,8 @@ class ArchiveStrategy:
         (:func:`~evojax_merge.merge.crossover.crossover_groups`); None: one split point over all of them.
     """
 
+    needs_seed_scores = True  # the seeds are the archive's first members: the engine scores them
+
     def __init__(self, solution, num_children: int, warmup: int = 0, num_seeds: int = 2,
                  split_groups: CrossoverGroups | None = None):
         if num_children < 1:

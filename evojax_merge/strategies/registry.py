@@ -15,7 +15,9 @@ seed_candidates, seed_scores or None, params) -> state``, ``ask(key, state, para
 leading axis, state)``, ``tell(key, candidates, scores (n, points), state, params) -> (state, metrics)``,
 ``best(state) -> (candidate, mean training score)``, ``counters(state) -> dict`` (``archive_filled``,
 ``rejected_nonfinite``, optionally ``step_size``); ``num_seeds`` (default 1): how many seed candidates it
-starts from when the problem makes them from a key. Higher scores are better.
+starts from when the problem makes them from a key; ``needs_seed_scores`` (default False): the seeds are
+scored even where the problem marks them as a starting point only (archives start from scored members).
+Higher scores are better.
 """
 
 from __future__ import annotations

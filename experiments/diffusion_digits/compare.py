@@ -91,9 +91,13 @@ def figure(images: dict[str, np.ndarray], classes) -> bytes:
 
     names = list(images)
     rows, columns = images[names[0]].shape[:2]
-    fig, axes = plt.subplots(1, len(names), figsize=(1.3 + 0.45 * columns * len(names), 0.45 * rows + 0.8),
-                             squeeze=False)
-    for ax, name in zip(axes[0], names):
+    panel_columns = min(4, len(names))
+    panel_rows = -(-len(names) // panel_columns)
+    fig, axes = plt.subplots(panel_rows, panel_columns, squeeze=False,
+                             figsize=(0.5 + 0.5 * columns * panel_columns, (0.45 * rows + 0.6) * panel_rows))
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
         block = images[name]  # (rows, columns, H, W, 1)
         h, w = block.shape[2:4]
         canvas = np.full((rows * (h + 1), columns * (w + 1)), -0.5)  # light grey lines between samples
