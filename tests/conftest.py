@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SLOW_MODULES = {
     "test_evolve_llm_runner", "test_evolve_manifest", "test_evolve_mesh", "test_multihost", "test_faults",
     "test_examples", "test_lm_finetune", "test_lm_seeds", "test_llama_smollm2", "test_llama_parity",
-    "test_faults_merge", "test_faults_llm", "test_faults_llm_kill",
+    "test_faults_merge", "test_faults_llm", "test_faults_llm_kill", "test_diffusion_runs",
 }
 
 

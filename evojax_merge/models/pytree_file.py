@@ -38,12 +38,17 @@ def load_pytree(path: pathlib.Path, template):
     """
     path = pathlib.Path(path)
     try:
-        with np.load(path, allow_pickle=False) as stored:
-            arrays = {k: stored[k] for k in stored.files}
+        stored = np.load(path, allow_pickle=False)
+        arrays = None
+        if isinstance(stored, np.lib.npyio.NpzFile):
+            with stored:
+                arrays = {k: stored[k] for k in stored.files}
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"{path}: not a readable .npz parameter file ({e})") from None
+    if arrays is None:  # np.load read a single .npy array
+        raise DataError(f"{path}: not a readable .npz parameter file (it holds one array, not named arrays)")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
     for p, leaf in leaves:

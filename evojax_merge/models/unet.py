@@ -38,15 +38,21 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class ResidualBlock(nn.Module):
-    """GroupNorm -> SiLU -> 3x3 conv, plus the conditioning (a shift per channel), twice, with a skip."""
+    """GroupNorm -> SiLU -> 3x3 conv -> GroupNorm with the conditioning's scale and shift -> SiLU -> 3x3 conv,
+    with a skip.
+
+    The conditioning scales and shifts the *normalised* features (ADM's scale-shift norm): a shift added
+    before a GroupNorm would be subtracted again by it (wholly where a group is one channel).
+    """
 
     channels: int
 
     @nn.compact
     def __call__(self, x, emb):
         h = nn.Conv(self.channels, (3, 3), name="conv_0")(nn.silu(_norm(x.shape[-1])(x)))
-        h = h + nn.Dense(self.channels, name="condition")(nn.silu(emb))[:, None, None, :]
-        h = nn.Conv(self.channels, (3, 3), name="conv_1")(nn.silu(_norm(self.channels)(h)))
+        scale, shift = jnp.split(nn.Dense(2 * self.channels, name="condition")(nn.silu(emb)), 2, axis=-1)
+        h = _norm(self.channels)(h) * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
+        h = nn.Conv(self.channels, (3, 3), name="conv_1")(nn.silu(h))
         if x.shape[-1] != self.channels:
             x = nn.Conv(self.channels, (1, 1), name="skip")(x)
         return x + h

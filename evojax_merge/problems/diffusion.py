@@ -90,8 +90,13 @@ class DiffusionOptions:
 
 
 @dataclasses.dataclass
+class UNetRecipeOptions(RecipeOptions):
+    merge_method: str = "ties"  # over the shared base (the language models' default is DARE-TIES)
+
+
+@dataclasses.dataclass
 class DiffusionRecipeOptions(DiffusionOptions):
-    recipe: RecipeOptions = dataclasses.field(default_factory=lambda: RecipeOptions(merge_method="ties"))
+    recipe: UNetRecipeOptions = dataclasses.field(default_factory=UNetRecipeOptions)
 
     def validate(self):
         super().validate()
@@ -129,6 +134,9 @@ class DiffusionProblem(Problem):
             check(0 <= c < num_classes, "problem.sampling.classes", f"must be classes 0..{num_classes - 1}, got {c}")
         fitness = range(s.fitness_noise_seed, s.fitness_noise_seed + s.fitness_per_class * len(self.classes))
         test = range(s.test_noise_seed, s.test_noise_seed + s.test_per_class * len(self.classes))
+        # noise_for_seeds keys on 32-bit seeds: a larger one would repeat the noise of another sample.
+        check(max(fitness.stop, test.stop) <= 2**32, "problem.sampling",
+              f"noise seeds must stay below 2**32; these run to {max(fitness.stop, test.stop) - 1}")
         check(max(fitness.start, test.start) >= min(fitness.stop, test.stop), "problem.sampling.test_noise_seed",
               f"gives test noise seeds {test.start}..{test.stop - 1} that overlap the fitness ones "
               f"{fitness.start}..{fitness.stop - 1}")

@@ -148,15 +148,11 @@ def build_diffusion_seeds(opts: DiffusionSeedOptions, out_dir: pathlib.Path, log
     """
     opts.validate()
     out_dir = check_destination(out_dir, folder=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
     options_file = out_dir / "options.json"
     wanted = dataclasses.asdict(opts)
-    if options_file.exists():
-        if json.loads(options_file.read_text()) != wanted:
-            raise ConfigError(f"{out_dir} holds seeds built with other options ({options_file}); "
-                              "choose another folder or remove it")
-    else:
-        write_json(options_file, wanted)
+    if options_file.exists() and json.loads(options_file.read_text()) != wanted:
+        raise ConfigError(f"{out_dir} holds seeds built with other options ({options_file}); "
+                          "choose another folder or remove it")
 
     dataset = load_dataset(opts.data, opts.data_path)
     shape = image_shape(dataset.num_features)
@@ -164,6 +160,9 @@ def build_diffusion_seeds(opts: DiffusionSeedOptions, out_dir: pathlib.Path, log
     for i, group in enumerate(opts.class_groups):
         check(all(0 <= c < dataset.num_classes for c in group), f"class_groups[{i}]",
               f"must be classes 0..{dataset.num_classes - 1}")
+    if not options_file.exists():  # written once the inputs are known to be good, so a fixed rerun is not refused
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(options_file, wanted)
     manifest = {
         "kind": KIND, "data": opts.data, "data_path": opts.data_path, "source": dataset.source,
         "image_shape": list(shape), "pixel_max": pixel_max, "num_classes": dataset.num_classes,
@@ -248,5 +247,10 @@ def read_manifest(path: pathlib.Path) -> dict:
     for field in ("image_shape", "pixel_max", "num_classes", "unet", "judge", "models", "data"):
         if field not in manifest:
             raise DataError(f"{path}: the manifest has no {field!r}")
+    entries = {f"models.{name}": entry for name, entry in dict(manifest["models"]).items()} \
+        if isinstance(manifest["models"], dict) else {"models": None}
+    for where, entry in {**entries, "judge": manifest["judge"]}.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise DataError(f"{path}: {where} has no \"file\" naming its .npz parameter file")
     manifest["folder"] = str(path.parent)
     return manifest
