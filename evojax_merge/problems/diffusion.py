@@ -39,7 +39,7 @@ from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_ge
 from evojax_merge.models.flow_matching import noise_for_seeds, sample
 from evojax_merge.models.pytree_file import load_pytree, save_pytree
 from evojax_merge.problems.base import Problem
-from evojax_merge.problems.recipe_options import RecipeOptions
+from evojax_merge.problems.recipe_options import RecipeOptions, group_names
 from evojax_merge.tasks.generation import frechet_distance, intended_class_probability, write_sample_grid
 from evojax_merge.train.diffusion_seeds import judge_of, read_manifest, to_images, unet_of
 
@@ -268,21 +268,12 @@ class DiffusionRecipeProblem(DiffusionProblem):
     def __init__(self, opts: DiffusionRecipeOptions):
         super().__init__(opts)
         r = opts.recipe
-        self.space = RecipeSpace(
-            n_models=len(self.seed_models), num_layers=self.unet.num_blocks, method=r.merge_method,
-            genes=tuple(r.genes), layer_group=r.layer_group,
-            families=UNET_FAMILIES if r.per_family else WHOLE_LAYER,
-            family_of=unet_family if r.per_family else None,
-            allow_negative_weights=r.allow_negative_weights,
-            options=() if r.normalize is None else (("normalize", r.normalize),),
-            embeddings_as_layers=r.embeddings_as_layers,
-        )
+        self.space = r.space(len(self.seed_models), self.unet.num_blocks, UNET_FAMILIES, family_of=unet_family)
         self.template = jax.ShapeDtypeStruct((self.space.size,), jnp.float32)
 
     def seed_candidates(self, key, n, fitness_data):
         del key, fitness_data
-        initial = self.space.init(**{g: self.options.recipe.init for g in self.space.genes})
-        return jnp.broadcast_to(jnp.asarray(initial, jnp.float32), (n, self.space.size))
+        return self.options.recipe.mean_genomes(self.space, n)
 
     def model_of(self, genome, models):
         key = jax.random.key(self.options.recipe.merge_seed)
@@ -292,9 +283,7 @@ class DiffusionRecipeProblem(DiffusionProblem):
         genome = np.asarray(genome)
         np.save(out_dir / "genome.npy", genome)
         space = self.space
-        groups = [f"blocks {g * space.layer_group}-{min((g + 1) * space.layer_group, space.num_layers) - 1}"
-                  for g in range(space.n_layer_groups)]
-        groups += ["input embeddings", "head"] if space.embeddings_as_layers else ["embeddings and head"]
+        groups = group_names(space, "blocks", ("input embeddings", "head"), "embeddings and head")
         write_yaml(out_dir / "recipe.yaml", {
             "merge_method": space.method, "models": self.model_names, "base_model": self.options.seeds.base,
             "layout": {"axes": ["model", "group", "family"], "families": list(space.families), "groups": groups},

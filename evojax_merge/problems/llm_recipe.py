@@ -25,9 +25,9 @@ from evojax_merge.files import write_yaml
 from evojax_merge.merge.mergekit_export import to_mergekit
 from evojax_merge.merge.names import FAMILIES
 from evojax_merge.merge.operators import get_method, stack_trees
-from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_genome
+from evojax_merge.merge.recipe import decode, merge_genome
 from evojax_merge.models import hf_io
-from evojax_merge.problems.recipe_options import RecipeOptions
+from evojax_merge.problems.recipe_options import RecipeOptions, group_names
 from evojax_merge.problems.llm import (LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds,
                                       task_skills)
 
@@ -54,20 +54,14 @@ class LLMRecipeProblem(LanguageModelProblem):
         self.seeds = load_seeds(opts.seeds, need_base=get_method(r.merge_method).needs_base,
                                 check_base=opts.score_seeds)
         self.suite = build_task_suite(opts.task, opts.seeds, self.seeds.config, self.seeds.tokenizer, self.skills)
-        self.space = RecipeSpace(
-            n_models=len(self.seeds.models), num_layers=self.seeds.config.num_hidden_layers, method=r.merge_method,
-            genes=tuple(r.genes), layer_group=r.layer_group, families=FAMILIES if r.per_family else WHOLE_LAYER,
-            allow_negative_weights=r.allow_negative_weights,
-            options=() if r.normalize is None else (("normalize", r.normalize),),
-            stacked_layers="layers", embeddings_as_layers=r.embeddings_as_layers,
-        )
+        self.space = r.space(len(self.seeds.models), self.seeds.config.num_hidden_layers, FAMILIES,
+                             stacked_layers="layers")
         self.models = {"models": stack_trees(*self.seeds.models), "base": self.seeds.base}
         self.template = jax.ShapeDtypeStruct((self.space.size,), jnp.float32)
 
     def seed_candidates(self, key, n, fitness_data):
         del key, fitness_data
-        initial = self.space.init(**{g: self.options.recipe.init for g in self.space.genes})
-        return jnp.broadcast_to(jnp.asarray(initial, jnp.float32), (n, self.space.size))
+        return self.options.recipe.mean_genomes(self.space, n)
 
     def model_of(self, genome, models):
         key = jax.random.key(self.options.recipe.merge_seed)
@@ -80,9 +74,7 @@ class LLMRecipeProblem(LanguageModelProblem):
         hf_io.save_hf_folder(out_dir / "model", self.seeds.config, merged, self.seeds.tokenizer)
         space, r = self.space, self.options.recipe
         genes = {name: np.asarray(v).tolist() for name, v in decode(space, genome).items()}
-        groups = [f"layers {g * space.layer_group}-{min((g + 1) * space.layer_group, space.num_layers) - 1}"
-                  for g in range(space.n_layer_groups)]
-        groups += ["input embeddings", "final norm + head"] if space.embeddings_as_layers else ["embeddings, final norm, head"]
+        groups = group_names(space, "layers", ("input embeddings", "final norm + head"), "embeddings, final norm, head")
         write_yaml(out_dir / "recipe.yaml", {
             "merge_method": space.method, "models": self.seeds.names, "base_model": self.seeds.base_name,
             "layout": {"axes": ["model", "group", "family"], "families": list(space.families), "groups": groups},
