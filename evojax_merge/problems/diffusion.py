@@ -33,13 +33,12 @@ import numpy as np
 from evojax_merge.config import check, options
 from evojax_merge.data import load_dataset
 from evojax_merge.errors import ConfigError
-from evojax_merge.files import write_yaml
 from evojax_merge.merge.operators import stack_trees
-from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, decode, merge_genome
+from evojax_merge.merge.recipe import WHOLE_LAYER, RecipeSpace, merge_genome
 from evojax_merge.models.flow_matching import noise_for_seeds, sample
 from evojax_merge.models.pytree_file import load_pytree, save_pytree
 from evojax_merge.problems.base import Problem
-from evojax_merge.problems.recipe_options import RecipeOptions, group_names
+from evojax_merge.problems.recipe_options import RecipeOptions, group_names, write_recipe
 from evojax_merge.tasks.generation import frechet_distance, intended_class_probability, write_sample_grid
 from evojax_merge.train.diffusion_seeds import judge_of, read_manifest, to_images, unet_of
 
@@ -200,9 +199,10 @@ class DiffusionProblem(Problem):
         samples = test_data["samples"]
         images = generate(unet_params, samples)
         flat = images.reshape(images.shape[0], -1)
-        scores = np.asarray(intended_class_probability(logits_fn(self.judge_params, flat), samples["labels"]))
+        logits = logits_fn(self.judge_params, flat)
+        scores = np.asarray(intended_class_probability(logits, samples["labels"]))
         per_class = scores.reshape(len(self.classes), -1)
-        predicted = np.asarray(jnp.argmax(logits_fn(self.judge_params, flat), axis=-1)).reshape(len(self.classes), -1)
+        predicted = np.asarray(jnp.argmax(logits, axis=-1)).reshape(len(self.classes), -1)
         out = {
             "test_score": float(scores.mean()),
             "per_class_score": {str(c): float(v) for c, v in zip(self.classes, per_class.mean(axis=1))},
@@ -283,13 +283,9 @@ class DiffusionRecipeProblem(DiffusionProblem):
         genome = np.asarray(genome)
         np.save(out_dir / "genome.npy", genome)
         space = self.space
-        groups = group_names(space, "blocks", ("input embeddings", "head"), "embeddings and head")
-        write_yaml(out_dir / "recipe.yaml", {
-            "merge_method": space.method, "models": self.model_names, "base_model": self.options.seeds.base,
-            "layout": {"axes": ["model", "group", "family"], "families": list(space.families), "groups": groups},
-            "genes": {name: np.asarray(v).tolist() for name, v in decode(space, genome).items()},
-            "options": dict(space.options), "merge_seed": self.options.recipe.merge_seed,
-        })
+        write_recipe(out_dir / "recipe.yaml", space, genome, self.model_names, self.options.seeds.base,
+                     self.options.recipe.merge_seed,
+                     group_names(space, "blocks", ("input embeddings", "head"), "embeddings and head"))
         return {**super().export(jnp.asarray(genome), out_dir, fitness_data), "genome_size": space.size}
 
 

@@ -25,9 +25,9 @@ from evojax_merge.files import write_yaml
 from evojax_merge.merge.mergekit_export import to_mergekit
 from evojax_merge.merge.names import FAMILIES
 from evojax_merge.merge.operators import get_method, stack_trees
-from evojax_merge.merge.recipe import decode, merge_genome
+from evojax_merge.merge.recipe import merge_genome
 from evojax_merge.models import hf_io
-from evojax_merge.problems.recipe_options import RecipeOptions, group_names
+from evojax_merge.problems.recipe_options import RecipeOptions, group_names, write_recipe
 from evojax_merge.problems.llm import (LanguageModelProblem, LanguageModelOptions, build_task_suite, load_seeds,
                                       task_skills)
 
@@ -73,13 +73,9 @@ class LLMRecipeProblem(LanguageModelProblem):
         merged = jax.jit(self.model_of)(jnp.asarray(genome), fitness_data["models"])
         hf_io.save_hf_folder(out_dir / "model", self.seeds.config, merged, self.seeds.tokenizer)
         space, r = self.space, self.options.recipe
-        genes = {name: np.asarray(v).tolist() for name, v in decode(space, genome).items()}
-        groups = group_names(space, "layers", ("input embeddings", "final norm + head"), "embeddings, final norm, head")
-        write_yaml(out_dir / "recipe.yaml", {
-            "merge_method": space.method, "models": self.seeds.names, "base_model": self.seeds.base_name,
-            "layout": {"axes": ["model", "group", "family"], "families": list(space.families), "groups": groups},
-            "genes": genes, "options": dict(space.options), "merge_seed": r.merge_seed,
-        })
+        write_recipe(out_dir / "recipe.yaml", space, genome, self.seeds.names, self.seeds.base_name, r.merge_seed,
+                     group_names(space, "layers", ("input embeddings", "final norm + head"),
+                                 "embeddings, final norm, head"))
         base = self.seeds.base_name
         mergekit = to_mergekit(space, genome, [str(pathlib.Path(n).resolve()) for n in self.seeds.names],
                                None if base is None else str(pathlib.Path(base).resolve()),

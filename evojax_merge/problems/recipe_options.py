@@ -48,3 +48,19 @@ def group_names(space, unit: str, outside: tuple[str, str], together: str) -> li
     groups = [f"{unit} {g * space.layer_group}-{min((g + 1) * space.layer_group, space.num_layers) - 1}"
               for g in range(space.n_layer_groups)]
     return groups + (list(outside) if space.embeddings_as_layers else [together])
+
+
+def write_recipe(path, space, genome, models: list[str], base_model: str | None, merge_seed: int,
+                 groups: list[str]) -> None:
+    """A genome's decoded genes as recipe.yaml: method, models, base, layout (axes, families, groups), genes."""
+    import numpy as np
+
+    from evojax_merge.files import write_yaml
+    from evojax_merge.merge.recipe import decode
+
+    write_yaml(path, {
+        "merge_method": space.method, "models": models, "base_model": base_model,
+        "layout": {"axes": ["model", "group", "family"], "families": list(space.families), "groups": groups},
+        "genes": {name: np.asarray(v).tolist() for name, v in decode(space, genome).items()},
+        "options": dict(space.options), "merge_seed": merge_seed,
+    })
