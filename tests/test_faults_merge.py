@@ -359,14 +359,6 @@ def test_bad_model_folder_is_refused(models, jax_cache, tmp_path, case):
     assert sorted((p.name, p.stat().st_size) for p in broken.iterdir()) == before  # inputs untouched
 
 
-def test_tokenizer_source_does_not_make_different_tokenizers_mergeable(models, jax_cache, tmp_path):
-    broken, mentions = _tokenizer_differs(models, tmp_path)
-    recipe = write_recipe(tmp_path, ties(models, broken, extra=f"tokenizer_source: {models['a']}\n"))
-    out = tmp_path / "out"
-    assert_refused(merge(jax_cache, recipe, "--out", out), *mentions, absent=[out])
-    assert leftovers(out) == []
-
-
 # ---------------------------------------------------------------------------------------- output path
 def _under_a_file(models, tmp_path):
     (tmp_path / "a_file").write_text("x")

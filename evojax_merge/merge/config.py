@@ -9,7 +9,9 @@ Accepted keys (the subset of mergekit's schema that describes a merge; same mean
 - ``slices``: list of ``{sources: [{model, layer_range: [a, b], parameters}], parameters}``; the output
   layers are the concatenation of the slices (layer stacking with ``passthrough``).
 - ``parameters``: global parameters; ``dtype`` / ``out_dtype``: float32, float16 or bfloat16;
-  ``tokenizer_source``: model whose tokenizer files are copied (default: base, else first model).
+  ``tokenizer_source`` or ``tokenizer: {source, tokens, pad_to_multiple_of}``: the output vocabulary
+  (``base``, a model or ``union``) and how the rows of tokens a model lacks are filled
+  (:mod:`evojax_merge.models.vocabulary`); without it, models whose tokenizers differ are refused.
 
 Parameter values are a scalar, a gradient (a list of numbers, interpolated linearly over the layers of
 the model or slice), or a list of ``{filter: SUBSTRING, value: ...}`` entries where the first entry whose
@@ -40,6 +42,7 @@ from evojax_merge.config import FLOAT_TEXT, yaml_error_line
 from evojax_merge.errors import ConfigError
 from evojax_merge.merge.names import tensor_layer
 from evojax_merge.merge.registry import RESCALE_CONVENTIONS, SPECS, MethodSpec, get_spec
+from evojax_merge.models.vocabulary import TokenizerSpec, parse_tokenizer_spec
 
 # Parameters holding a fraction: outside [0, 1] is an error in a recipe file.
 FRACTIONS = ("density", "t", "gamma", "epsilon")
@@ -57,7 +60,6 @@ KNOWN_KEYS = {
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
-TOKENIZER_KEYS = {"source"}
 # mergekit's memory trick, meaningless here: accepted and ignored.
 IGNORED_PARAMETERS = ("int8_mask",)
 # Every parameter some method takes (a name outside it is a typo, whatever the method).
@@ -95,12 +97,12 @@ class Recipe:
     slices: tuple[Slice, ...]
     parameters: dict[str, Any]
     out_dtype: str | None
-    tokenizer_source: str | None
+    tokenizer: TokenizerSpec | None  # None: every model's tokenizer must be the same
     seed: int
     text: str
     uses_slices: bool
     path: str = ""
-    # (recipe key, folder) of every model folder the recipe names, tokenizer_source included.
+    # (recipe key, folder) of every model folder the recipe names, the tokenizer section's included.
     folders: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -317,16 +319,7 @@ def _parse(raw: dict, path: Path, text: str) -> Recipe:
     dtype = raw.get("out_dtype") or raw.get("dtype")
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPE_ALIASES):
         raise ConfigError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPE_ALIASES)}")
-    tok = raw.get("tokenizer_source")
-    if raw.get("tokenizer") is not None:
-        _mapping(raw["tokenizer"], TOKENIZER_KEYS, "tokenizer")
-        tok = raw["tokenizer"].get("source", tok)
-    if tok in ("base", None):
-        tok = base
-    elif tok == "union":
-        raise ConfigError("tokenizer_source: union is not supported; name one model")
-    else:
-        tok = folder(tok, "tokenizer_source")
+    tokenizer = parse_tokenizer_spec(raw.get("tokenizer_source"), raw.get("tokenizer"), "", folder)
     seed = raw.get("random_seed", raw.get("seed", 0))
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
         raise ConfigError(f"random_seed must be a 64-bit integer, got {seed!r}")
@@ -339,7 +332,7 @@ def _parse(raw: dict, path: Path, text: str) -> Recipe:
         slices=slices,
         parameters=params,
         out_dtype=DTYPE_ALIASES[dtype] if dtype else None,
-        tokenizer_source=tok,
+        tokenizer=tokenizer,
         seed=seed,
         text=text,
         uses_slices="slices" in raw,

@@ -29,7 +29,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,22 +37,11 @@ from evojax_merge.errors import ConfigError, EvojaxMergeError
 from evojax_merge.merge import selection
 from evojax_merge.merge.checkpoint import DTYPES, BufferPool, Checkpoint, ShardedWriter
 from evojax_merge.merge.config import Recipe, check_folders, parse_recipe
-from evojax_merge.models.tokenizer_identity import check_same_tokenizer
+from evojax_merge.merge.realigned import realign
+from evojax_merge.models.tokenizer_identity import check_same_tokenizer, tokenizer_identity
+from evojax_merge.models.vocabulary import SOURCES, VocabularyPlan, copy_tokenizer_files, plan_vocabulary
 from evojax_merge.merge.model_card import model_card
 from evojax_merge.merge.plan import TensorJob, plan_merge
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
-
 
 def parse_size(text: str) -> int:
     """``"2GB"``, ``"500MB"``, ``"1e9"`` -> bytes."""
@@ -399,10 +388,11 @@ def merge_checkpoints(
         try:
             for m in recipe.models:
                 ckpts[m] = Checkpoint(m)
-            jobs, out_layers = plan_merge(recipe, ckpts)
             ref_model = recipe.base_model or recipe.models[0]
-            tok_dir = _tokenizer_folder(recipe, ref_model)
-            config = dict(ckpts[ref_model].config)
+            vocabulary, write_tokenizer = _output_vocabulary(recipe, ckpts, ref_model)
+            readers = ckpts if vocabulary is None else realign(vocabulary, ckpts)
+            jobs, out_layers = plan_merge(recipe, readers)
+            config = dict(readers[ref_model].config)
             if out_layers is not None:
                 config["num_hidden_layers"] = out_layers
             if recipe.out_dtype:
@@ -411,11 +401,9 @@ def merge_checkpoints(
                     if key in config or key == "torch_dtype":
                         config[key] = name
             try:
-                stats = _stream(recipe, ckpts, jobs, tmp, shard_bytes, verbose)
+                stats = _stream(recipe, readers, jobs, tmp, shard_bytes, verbose)
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-                for name in TOKENIZER_FILES:
-                    if (tok_dir / name).is_file():
-                        shutil.copyfile(tok_dir / name, tmp / name)  # modes from the umask, not the source
+                write_tokenizer(tmp)
                 card = model_card(recipe, out.name, {m: c.config for m, c in ckpts.items()})
                 (tmp / "README.md").write_text(card)
                 (tmp / "merge_recipe.yaml").write_text(recipe.text)
@@ -439,30 +427,52 @@ def merge_checkpoints(
     return stats
 
 
-def _tokenizer_folder(recipe: Recipe, ref_model: str) -> Path:
-    """The folder whose tokenizer files are copied, once every input's tokenizer is known to be the same.
+def embedding_rows(ckpt: Checkpoint) -> int:
+    """A model's vocabulary rows: its config's ``vocab_size``, else its input embedding's row count."""
+    size = ckpt.config.get("vocab_size")
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    embed = [info.shape[0] for n, info in ckpt.tensors.items() if "embed_tokens" in n or "wte" in n]
+    return embed[0] if embed else 0
 
-    Models whose tokenizers differ are refused (the same token id would mean different tokens in their
-    embeddings); ``tokenizer_source`` does not change that. Without ``tokenizer_source`` the reference
-    model's files are copied, or another input's when the reference model has none.
+
+def _output_vocabulary(recipe: Recipe, ckpts: dict[str, Checkpoint], ref_model: str
+                       ) -> tuple[VocabularyPlan | None, Callable[[Path], None]]:
+    """How the inputs' rows map onto the output vocabulary (None: they already agree) and the function
+    writing the output's tokenizer files.
+
+    Without a tokenizer section, models whose tokenizers differ are refused (the same token id would
+    mean different tokens in their embeddings) and the reference model's files are copied, or another
+    input's when the reference model has none. With one, the rows are remapped by token
+    (:mod:`evojax_merge.models.vocabulary`).
 
     Raises:
-      DataError: tokenizers that differ, or a ``tokenizer_source`` without tokenizer files while other
-        inputs have them.
+      DataError: tokenizers that differ without a tokenizer section; unreadable tokenizer files.
+      ConfigError: a ``tokenizer_source`` without tokenizer files while other inputs have them, a token
+        entry naming a model or token that does not exist.
     """
     by_folder: dict[str, str] = {}
     for where, folder in recipe.folders:
         by_folder.setdefault(folder, where)
-    missing = set(check_same_tokenizer({where: folder for folder, where in by_folder.items()}))
-    having = [folder for folder, where in by_folder.items() if where not in missing]
-    explicit = any(where == "tokenizer_source" for where, _ in recipe.folders)
-    chosen = recipe.tokenizer_source or ref_model
-    if by_folder.get(chosen) in missing and having:
-        if explicit:
-            raise ConfigError(f"recipe {recipe.path}: tokenizer_source {chosen} has no tokenizer files, but"
+    spec = recipe.tokenizer
+    if spec is None:
+        missing = set(check_same_tokenizer({where: folder for folder, where in by_folder.items()},
+                                           align_hint="give the recipe a tokenizer_source (base, a model or union)"))
+        having = [folder for folder, where in by_folder.items() if where not in missing]
+        chosen = ref_model if by_folder.get(ref_model) not in missing or not having else having[0]
+        return None, copy_tokenizer_files(Path(chosen))
+    if spec.source not in SOURCES and tokenizer_identity(spec.source) is None:
+        having = [f for f in by_folder if f != spec.source and tokenizer_identity(f) is not None]
+        if having:
+            raise ConfigError(f"recipe {recipe.path}: tokenizer_source {spec.source} has no tokenizer files, but"
                               f" {having[0]} has")
-        chosen = having[0]
-    return Path(chosen)
+        return None, copy_tokenizer_files(Path(spec.source))
+    try:
+        plan = plan_vocabulary(spec, {m: embedding_rows(ckpts[m]) for m in recipe.models}, recipe.base_model,
+                               ref_model)
+    except ConfigError as e:
+        raise ConfigError(f"recipe {recipe.path}: {e}") from None
+    return (None if plan.is_identity else plan), plan.write or copy_tokenizer_files(Path(ref_model))
 
 
 # Jobs read ahead of the one being merged: enough to keep reading while the first kernels load or

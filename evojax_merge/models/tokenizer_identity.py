@@ -51,11 +51,12 @@ def tokenizer_identity(folder: str | os.PathLike) -> str | None:
     return digest.hexdigest()
 
 
-def check_same_tokenizer(folders: dict[str, str | os.PathLike]) -> list[str]:
+def check_same_tokenizer(folders: dict[str, str | os.PathLike], align_hint: str = "") -> list[str]:
     """Refuses models whose tokenizers differ; returns the names of those that have no tokenizer files.
 
     Args:
       folders: model name -> folder (the names appear in the error message).
+      align_hint: how the caller's configuration aligns different vocabularies (ends the message).
 
     Raises:
       DataError: two folders' tokenizers give different meanings to the token ids, naming both folders.
@@ -72,5 +73,5 @@ def check_same_tokenizer(folders: dict[str, str | os.PathLike]) -> list[str]:
             raise DataError(
                 f"the tokenizers of {seen[2]} ({seen[1]}) and {folder} ({name}) differ (vocabulary, merges "
                 "or added tokens), so the same token id means different tokens in the two models and their "
-                "embeddings cannot be merged row by row")
+                "embeddings cannot be merged row by row" + (f"; {align_hint}" if align_hint else ""))
     return missing
