@@ -345,11 +345,8 @@ def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict
     for model in others:
         spec_path = Path(model) / "tokenizer.json"
         if spec_path.is_file():
-            try:
-                spec = json.loads(spec_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(f"{spec_path} is not a readable tokenizer file: {e}") from None
-            for entry in spec.get("added_tokens") or []:
+            spec = _read_json(spec_path)
+            for entry in (spec.get("added_tokens") if isinstance(spec, dict) else None) or []:
                 if isinstance(entry, dict) and isinstance(entry.get("content"), str):
                     added_settings.setdefault(entry["content"], entry)
     new_tokens = []
@@ -373,10 +370,9 @@ def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict
         tokenizer.save(str(out / "tokenizer.json"))
         config_path = Path(reference) / "tokenizer_config.json"
         if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(f"{config_path} is not valid JSON: {e}") from None
+            config = _read_json(config_path)
+            if not isinstance(config, dict):
+                raise DataError(f"{config_path} is not a tokenizer config (a JSON object)")
             decoder = config.get("added_tokens_decoder")
             if isinstance(decoder, dict):
                 vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -390,3 +386,10 @@ def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict
                 shutil.copyfile(Path(reference) / name, out / name)
 
     return tokenizer, write
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not readable JSON: {e}") from None
