@@ -4,7 +4,7 @@ DARE-TIES genes) and for M2N2, on a CPU-sized configuration, and the share of ti
 
 The models are random (speed does not depend on the weights): a Llama with --layers layers, hidden size
 --hidden, the 100-symbol character vocabulary, a base and two specialists. The task is the experiment's:
-exact match of the generated number on arithmetic problems and prefix match on list problems,
+last-number match of the generated answer on arithmetic problems and prefix match on list problems,
 --points training problems per skill, --new-tokens greedy tokens; or, with ``--fitness-kind answer_prob``,
 the probability of each answer (one forward pass, no generation). One candidate = one merged model
 scored on every training problem.
@@ -111,7 +111,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         folders = save_random_seeds(pathlib.Path(tmp), args)
-        task = {"skills": [{"skill": "arithmetic", "kind": "exact_match", "n_train": args.points, "n_test": 1},
+        task = {"skills": [{"skill": "arithmetic", "kind": "last_number", "n_train": args.points, "n_test": 1},
                            {"skill": "list_ops", "kind": "prefix_match", "n_train": args.points, "n_test": 1}],
                 "max_new_tokens": args.new_tokens, "fitness_kind": args.fitness_kind}
         seeds = {"models": [folders["a"], folders["b"]], "base": folders["base"]}

@@ -181,7 +181,7 @@ def test_a_task_from_the_manifest_needs_a_manifest(tmp_path, manifest):
         runner.build(_config(tmp_path, root, seeds))
 
 
-def test_an_answer_probability_fitness_scores_the_fitness_split_and_keeps_exact_match_on_test(tmp_path, manifest):
+def test_an_answer_probability_fitness_scores_the_fitness_split_and_keeps_each_skills_scorer_on_test(tmp_path, manifest):
     root, folders = manifest
     model_config, model_a = hf_io.load_hf_folder(folders["specialist_a"])
     tokenizer = hf_io.load_tokenizer(folders["specialist_a"])
@@ -204,13 +204,13 @@ def test_an_answer_probability_fitness_scores_the_fitness_split_and_keeps_exact_
     test = np.asarray(suite.scores(model_a, suite.test, test=True))
     assert suite.accuracies(test, suite.test) == pytest.approx(EXPECTED_A_TEST)
 
-    # A search on it: the fitness column is a probability, the reported test scores exact match.
+    # A search on it: the fitness column is a probability, the reported test scores 0/1 matches.
     ps = _run(_config(tmp_path, root, ["problem.task.fitness_kind=answer_prob"]), tmp_path / "ps_prob")
     assert 0 < ps["final_train_score_mean"] < 1
     assert ps["baselines"]["seeds_test"][str(root / "specialist_a")] == pytest.approx(EXPECTED_A_TEST)
     n_test = {"arithmetic": 4, "list_ops": 3}
     best_test = _test_scores(ps)
-    for skill, n in n_test.items():  # exact match on n problems: a multiple of 1/n
+    for skill, n in n_test.items():  # 0/1 matches on n problems: a multiple of 1/n
         assert best_test[skill] * n == pytest.approx(round(best_test[skill] * n), abs=1e-6)
 
 

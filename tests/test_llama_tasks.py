@@ -69,7 +69,7 @@ def test_number_parser_matches_regex():
             assert v == ref, (t, v)
 
 
-def test_exact_and_prefix_match_scores(params):
+def test_last_number_and_prefix_match_scores(params):
     """Scores are per data point, agree with decoding on the host, and vmap over a population."""
     examples = [TextExample(f"Question: what is {i} + {i}?\nAnswer:", f" {2 * i}") for i in range(6)]
     batch = lm.generation_batch(TOK, examples, TOK.pad_token_id)
@@ -82,7 +82,7 @@ def test_exact_and_prefix_match_scores(params):
         if lm.last_number(texts[i]) is None:
             examples[i] = TextExample(examples[i].prompt, texts[i] + " 5")
     batch = lm.generation_batch(TOK, examples, TOK.pad_token_id)
-    scorer = lm.make_scorer("exact_match", CONFIG, TOK, max_new_tokens=8, pad_token_id=TOK.pad_token_id)
+    scorer = lm.make_scorer("last_number", CONFIG, TOK, max_new_tokens=8, pad_token_id=TOK.pad_token_id)
     scores = np.asarray(scorer(params, batch))
     expected = [float(lm.last_number(t) is not None and lm.last_number(t) == lm.last_number(e.answer))
                 for t, e in zip(texts, examples)]

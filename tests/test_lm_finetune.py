@@ -79,7 +79,7 @@ def test_finetune_learns_and_saved_folder_reloads(tmp_path):
     config = tiny_config(layers=1)
     examples = [TextExample(f"Q{i}:", f" {n}") for i, n in enumerate([12, 7, 305, 41, 9, 88, 1234, 56])]
     lists = [TextExample(f"L{i}:", f" {w}") for i, w in enumerate(["cat", "red dog", "sun"])]
-    tasks = [ft.EvalTask("numbers", "exact_match", tuple(examples), 8),
+    tasks = [ft.EvalTask("numbers", "last_number", tuple(examples), 8),
              ft.EvalTask("words", "answer_match", tuple(lists), 12)]
     cfg = ft.FinetuneConfig(steps=120, batch_size=11, learning_rate=1e-2, warmup_steps=10, eval_every=60,
                             width_multiple=8)

@@ -46,14 +46,14 @@ def test_tiny_seeds_are_loadable_related_models(tiny_lm_seeds):
     assert base_run["n_train_examples"] == 2 * TINY_RECIPE.n_train
 
     tasks = lm_seeds.load_seed_tasks(root, "fitness")
-    assert [(t.name, t.kind, len(t.examples)) for t in tasks] == [("arithmetic", "exact_match", 8),
+    assert [(t.name, t.kind, len(t.examples)) for t in tasks] == [("arithmetic", "last_number", 8),
                                                                    ("list_ops", "answer_match", 8)]
     assert tasks[0].examples == tuple(lm_seeds.skill_splits("arithmetic", TINY_RECIPE)["fitness"])
     # The saved tokenizer is the character tokenizer the seeds were trained with.
     config, params = loaded["arithmetic"]
     tok = hf_io.load_tokenizer(root / "arithmetic" / "model")
     batch = lm.generation_batch(tok, tasks[0].examples, config.pad_token_id)
-    scores = lm.make_scorer("exact_match", config, tok, max_new_tokens=4)(params, batch)
+    scores = lm.make_scorer("last_number", config, tok, max_new_tokens=4)(params, batch)
     assert scores.shape == (8,)
 
 

@@ -1,9 +1,14 @@
 """What the language-model problems share: seed models from Hugging Face folders and a suite of skills.
 
-Seeds and tasks come either from a seeds manifest (``seeds.manifest``: the ``seeds.json`` that
+Seeds come from Hugging Face folders, or from a seeds manifest (``seeds.manifest``: the ``seeds.json`` that
 :func:`evojax_merge.train.lm_seeds.build_seeds` writes; ``seeds.models`` / ``seeds.base`` are then its
-model keys, and ``task.from_manifest: true`` scores on its ``fitness`` and test splits with its scorer
-kinds and generation lengths), or from Hugging Face folders and task data generated from ``task.skills``.
+model keys). The task data comes from exactly one of three sources:
+
+- ``task.files``: the user's own JSONL task files (:mod:`evojax_merge.tasks.task_file`), each with its
+  scorer kind, its fitness / test split drawn with a seed, and its generation length;
+- ``task.from_manifest: true``: the manifest's ``fitness`` and test splits with its scorer kinds and
+  generation lengths;
+- ``task.skills``: synthetic skills generated offline (the default when no source is named).
 
 Every candidate is scored per data point by a :class:`~evojax_merge.tasks.lm_suite.SkillSuite`; the test
 split is reported per skill (``test_<skill>`` columns). The seed models' own test scores are the
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import sys
 from functools import partial
 from typing import Any
@@ -35,9 +41,12 @@ from evojax_merge.models.tokenizer_identity import check_same_tokenizer
 from evojax_merge.problems.base import Problem
 from evojax_merge.problems.seed_vocabulary import KEY as VOCABULARY_KEY
 from evojax_merge.problems.seed_vocabulary import SeedVocabulary, seed_vocabulary
-from evojax_merge.tasks.kinds import KINDS
+from evojax_merge.tasks.chat_template import ChatTemplate, read_chat_template
+from evojax_merge.tasks.kinds import KINDS, PROMPT_FORMAT_NAMES
+from evojax_merge.tasks.lm import answer_pattern
 from evojax_merge.tasks.lm_suite import GivenSkill, SkillSpec, SkillSuite, build_suite, suite_from_examples
-from evojax_merge.train.lm_seeds import SeedManifest, read_examples
+from evojax_merge.tasks.task_file import check_scorable, read_examples, split_examples
+from evojax_merge.train.lm_seeds import SeedManifest
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -69,14 +78,73 @@ class SeedsOptions:
 @dataclasses.dataclass
 class SkillOptions:
     skill: str = "arithmetic"  # evojax_merge.data.synthetic_text.SKILLS
-    kind: str = "exact_match"  # exact_match | prefix_match | answer_match | loglik | answer_prob | choice
+    kind: str = "last_number"  # a scorer of evojax_merge.tasks.kinds.KINDS (regex needs a task file's pattern)
     n_train: int = 64
     n_test: int = 128
     data_seed: int = 0
 
 
+def default_skills() -> list[SkillOptions]:
+    """The task when a config names no task data: arithmetic (last number) and list manipulation (prefix)."""
+    return [SkillOptions("arithmetic", "last_number"), SkillOptions("list_ops", "prefix_match")]
+
+
+# The skills that the resolved config.yaml of a from_manifest run holds when it was written by a version that
+# filled in the default skills beside the manifest (which ignored them): read as "no skills", so such a run
+# still resumes.
+_MANIFEST_RUN_SKILLS = [SkillOptions("arithmetic", "exact_match"), SkillOptions("list_ops", "prefix_match")]
+
+
+@dataclasses.dataclass
+class TaskFileOptions:
+    """One task of the user's: a JSONL file (evojax_merge.tasks.task_file) and how it is scored."""
+
+    path: str = ""  # the JSONL file (relative to the working directory)
+    name: str | None = None  # the task's name in logs and test columns; null: the file name without .jsonl
+    # The scorer of the test split (and of the fitness, unless fitness_kind): exact_match | last_number |
+    # regex | prefix_match | answer_match | loglik | answer_prob | choice (evojax_merge.tasks.lm).
+    kind: str = "exact_match"
+    fitness_kind: str | None = None  # the score searched on; null: problem.task.fitness_kind, else kind
+    n_fitness: int = 50  # problems every candidate is scored on
+    n_test: int | None = None  # held-out problems the best model is reported on; null: the rest of the file
+    split_seed: int = 0  # draws the fitness and test problems from the file (disjoint)
+    max_new_tokens: int = 32  # tokens generated per answer (generation kinds)
+    # kind regex: the regular expression the decoded generation must contain (re.search); {answer} stands
+    # for the example's answer, escaped.
+    pattern: str | None = None
+    system: str | None = None  # a system turn before every prompt (prompt_format chatml or chat_template)
+
+    def validate(self, key: str, prompt_format: str):
+        check(isinstance(self.path, str) and self.path != "", f"{key}.path", "must name a JSONL task file")
+        check(self.name is None or self.name != "", f"{key}.name", "must be a non-empty name (or null)")
+        check(self.kind in KINDS, f"{key}.kind", f"must be one of {KINDS}, got {self.kind!r}")
+        check(self.fitness_kind is None or self.fitness_kind in KINDS, f"{key}.fitness_kind",
+              f"must be one of {KINDS} (or null), got {self.fitness_kind!r}")
+        check(self.n_fitness >= 1, f"{key}.n_fitness", "must be >= 1")
+        check(self.n_test is None or self.n_test >= 1, f"{key}.n_test", "must be >= 1 (or null: the rest of the file)")
+        check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "must be >= 1")
+        regex = "regex" in (self.kind, self.fitness_kind)
+        check(self.pattern is None or regex, f"{key}.pattern", "applies to kind 'regex' only")
+        check(self.pattern is not None or not regex, f"{key}.pattern",
+              "is needed by kind 'regex' (the regular expression a generation must contain)")
+        if self.pattern is not None:
+            try:
+                re.compile(answer_pattern(self.pattern, ""))
+            except re.error as e:
+                check(False, f"{key}.pattern", f"is not a regular expression: {e}")
+        check(self.system is None or prompt_format != "plain", f"{key}.system",
+              "needs a chat prompt format (problem.task.prompt_format: chatml or chat_template)")
+
+    @property
+    def task_name(self) -> str:
+        return self.name if self.name is not None else pathlib.Path(self.path).name.removesuffix(".jsonl")
+
+
 @dataclasses.dataclass
 class TaskOptions:
+    # The task data: exactly one of ``files``, ``from_manifest`` and ``skills`` (none: the default skills).
+    # The user's own JSONL task files, each with its scorer and split (TaskFileOptions).
+    files: list[TaskFileOptions] = dataclasses.field(default_factory=list)
     # true: the seeds manifest's skills, their fitness split (training problems) and test split, scorer
     # kinds, generation lengths and prompt format; ``skills``, ``prompt_format`` and ``max_new_tokens``
     # below then do not apply.
@@ -92,17 +160,39 @@ class TaskOptions:
     # probability of the reference answer and its EOS, a smooth exact match that needs one forward pass
     # instead of a generation; the test split is still scored by each skill's own kind.
     fitness_kind: str | None = None
-    # Otherwise: data generated per skill (evojax_merge.data.synthetic_text).
-    skills: list[SkillOptions] = dataclasses.field(default_factory=lambda: [
-        SkillOptions("arithmetic", "exact_match"), SkillOptions("list_ops", "prefix_match")])
-    prompt_format: str = "plain"  # plain | chatml (instruct models)
-    max_new_tokens: int = 12
+    # Data generated per skill (evojax_merge.data.synthetic_text); null: default_skills() when neither
+    # ``files`` nor ``from_manifest`` is given, else none (an empty list: none).
+    skills: list[SkillOptions] | None = None
+    # How prompts are wrapped (files and skills; a manifest names its own): plain | chatml | chat_template
+    # (model A's own chat template, from its tokenizer_config.json or chat_template.jinja).
+    prompt_format: str = "plain"
+    max_new_tokens: int = 12  # skills: tokens generated per answer
     scan_layers: bool = True  # generation scans the layers: compiles ~2.5x faster, decodes ~1.4x slower
 
     def validate(self):
-        check(len(self.skills) >= 1, "problem.task.skills", "must list at least one skill")
+        if self.from_manifest and self.skills == _MANIFEST_RUN_SKILLS:
+            self.skills = []  # what a manifest run's resolved config.yaml holds (see _MANIFEST_RUN_SKILLS)
+        sources = [name for name, given in (("files", bool(self.files)), ("from_manifest", self.from_manifest),
+                                            ("skills", bool(self.skills))) if given]
+        check(len(sources) <= 1, "problem.task", f"names {' and '.join(sources)}: the task data comes from exactly "
+              "one of files, from_manifest and skills")
+        if self.skills is None:  # resolved here, so the written config says which skills a run generated
+            self.skills = [] if sources else default_skills()
+        check(bool(sources) or len(self.skills) >= 1, "problem.task.skills", "must list at least one skill")
         for i, s in enumerate(self.skills):
             check(s.n_train >= 1 and s.n_test >= 1, f"problem.task.skills[{i}]", "needs n_train >= 1 and n_test >= 1")
+        check(self.prompt_format in PROMPT_FORMAT_NAMES, "problem.task.prompt_format",
+              f"must be one of {PROMPT_FORMAT_NAMES}, got {self.prompt_format!r}")
+        for i, f in enumerate(self.files):
+            f.validate(f"problem.task.files[{i}]", self.prompt_format)
+        names = [f.task_name for f in self.files]
+        for i, name in enumerate(names):
+            check(name not in names[:i], f"problem.task.files[{i}].name",
+                  f"repeats task name {name!r}: give each file its own name")
+        if self.files:
+            for key in ("n_fitness", "n_test"):
+                check(getattr(self, key) is None, f"problem.task.{key}",
+                      f"applies to from_manifest; a task file has its own (problem.task.files[i].{key})")
         check(self.max_new_tokens >= 1, "problem.task.max_new_tokens", "must be >= 1")
         check(self.n_fitness is None or self.n_fitness >= 1, "problem.task.n_fitness", "must be >= 1 (or null)")
         check(self.n_test is None or self.n_test >= 1, "problem.task.n_test", "must be >= 1 (or null)")
@@ -251,15 +341,51 @@ def _named_model(opts: SeedsOptions, folders: dict[str, str], value: Any, key: s
 
 
 def task_skills(task: TaskOptions, seeds: SeedsOptions) -> list[GivenSkill] | None:
-    """The skills of a task read from the seeds manifest (``task.from_manifest``), with their examples:
-    read and checked before any model loads. None for a task of generated data.
+    """The skills of a task read from files (``task.files``, or the seeds manifest's when
+    ``task.from_manifest``), with their examples: read and checked before any model loads (model A's chat
+    template too, when the prompt format asks for it). None for a task of generated data.
 
     Raises:
-      ConfigError: ``n_fitness`` / ``n_test`` larger than a split, a ``test_split`` the manifest lacks.
-      DataError: a missing or malformed task file (naming the file and line).
+      ConfigError: a task file that does not exist, ``n_fitness`` / ``n_test`` larger than a file or split
+        holds, a ``test_split`` the manifest lacks, a chat template asked of a folder without one.
+      DataError: a malformed task file (naming the file, line and field), or one its scorer cannot score.
     """
-    if not task.from_manifest:
+    if task.files:
+        skills = _file_skills(task)
+    elif task.from_manifest:
+        skills = _manifest_skills(task, seeds)
+    else:
         return None
+    if _prompt_format(task, seeds) == "chat_template":
+        chat_template_of(seeds)
+    return skills
+
+
+def _file_skills(task: TaskOptions) -> list[GivenSkill]:
+    """The skills of ``task.files``: each file read, checked for its scorers and split with its seed."""
+    for i, f in enumerate(task.files):  # every file named before any is read: a missing one is found at once
+        check(pathlib.Path(f.path).is_file(), f"problem.task.files[{i}].path", f"names {f.path}, which is not a file")
+    skills = []
+    for i, f in enumerate(task.files):
+        examples = read_examples(f.path)
+        fitness_kind = f.fitness_kind or task.fitness_kind
+        for kind in dict.fromkeys((f.kind, fitness_kind or f.kind)):
+            check_scorable(f.path, examples, kind)
+        try:
+            fitness, test = split_examples(examples, f.n_fitness, f.n_test, f.split_seed, source=f.path)
+        except ConfigError as e:
+            raise ConfigError(f"config key 'problem.task.files[{i}]': {e}") from None
+        overlap = len({e.prompt for e in fitness} & {e.prompt for e in test})
+        if overlap:
+            warn(f"{overlap} of the {len(test)} test problems of task {f.task_name!r} have the prompt of a fitness "
+                 f"problem ({f.path} repeats prompts): the reported test score is not fully held out")
+        skills.append(GivenSkill(f.task_name, f.kind, fitness, test, f.max_new_tokens, fitness_kind, source=f.path,
+                                 pattern=f.pattern, system=f.system))
+    return skills
+
+
+def _manifest_skills(task: TaskOptions, seeds: SeedsOptions) -> list[GivenSkill]:
+    """The skills of the seeds manifest: the first ``n_fitness`` / ``n_test`` of its fitness and test splits."""
     manifest = manifest_of(seeds)
     tasks = manifest.data["tasks"]
     for skill in tasks:  # a test split the manifest does not have is the config's mistake
@@ -290,17 +416,29 @@ def task_skills(task: TaskOptions, seeds: SeedsOptions) -> list[GivenSkill] | No
     return skills
 
 
+def _prompt_format(task: TaskOptions, seeds: SeedsOptions) -> str:
+    """The prompt format of the task: the manifest's for its own tasks, else ``task.prompt_format``."""
+    return manifest_of(seeds).prompt_format if task.from_manifest else task.prompt_format
+
+
+def chat_template_of(seeds: SeedsOptions) -> ChatTemplate:
+    """Model A's chat template (prompt format ``chat_template``), from its folder; ConfigError when it has none."""
+    return read_chat_template(seed_folders(seeds)[0][0])
+
+
 def build_task_suite(task: TaskOptions, seeds: SeedsOptions, model_config: llama.LlamaConfig, tokenizer,
                      skills: list[GivenSkill] | None = None) -> SkillSuite:
-    """The task: the manifest's fitness and test splits when ``task.from_manifest`` (``skills``: those
-    :func:`task_skills` read already), else data generated from ``task.skills``."""
-    if task.from_manifest:
+    """The task: the task files' or the manifest's examples (``skills``: those :func:`task_skills` read
+    already), else data generated from ``task.skills``; prompts wrapped in the task's prompt format."""
+    prompt_format = _prompt_format(task, seeds)
+    template = chat_template_of(seeds) if prompt_format == "chat_template" else None
+    if task.files or task.from_manifest:
         skills = skills if skills is not None else task_skills(task, seeds)
-        return suite_from_examples(skills, tokenizer, model_config, prompt_format=manifest_of(seeds).prompt_format,
-                                   scan_layers=task.scan_layers)
+        return suite_from_examples(skills, tokenizer, model_config, prompt_format=prompt_format,
+                                   scan_layers=task.scan_layers, chat_template=template)
     specs = [SkillSpec(s.skill, s.kind, s.n_train, s.n_test, s.data_seed, task.fitness_kind) for s in task.skills]
-    return build_suite(specs, tokenizer, model_config, prompt_format=task.prompt_format,
-                       max_new_tokens=task.max_new_tokens, scan_layers=task.scan_layers)
+    return build_suite(specs, tokenizer, model_config, prompt_format=prompt_format,
+                       max_new_tokens=task.max_new_tokens, scan_layers=task.scan_layers, chat_template=template)
 
 
 class LanguageModelProblem(Problem):

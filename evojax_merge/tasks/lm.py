@@ -4,7 +4,12 @@ One score per data point (M2N2's competition and attraction need them); a task's
 mean. Every scorer is a pure JAX function of the parameters, so it jit-compiles once per batch shape
 and ``jax.vmap`` scores a population of merged models in one call.
 
-- :func:`exact_match_scores`: greedy generation, then the LAST NUMBER in the generated tokens is
+- :func:`exact_match_scores`: greedy generation up to its first end-of-sequence token, decoded, equals the
+  reference answer (both stripped of surrounding whitespace).
+- :func:`regex_scores`: the decoded generation (up to its first end-of-sequence token) contains a match of
+  the task's regular expression (``re.search``); ``{answer}`` in the pattern stands for the reference
+  answer, escaped (:func:`answer_pattern`).
+- :func:`last_number_scores`: greedy generation, then the LAST NUMBER in the generated tokens is
   compared with the reference number (GSM8K convention). The number is parsed on device from a
   per-token table (:func:`number_table`), so no host round trip sits inside the evaluation.
 - :func:`prefix_match_scores`: greedy generation must start with the reference answer's tokens
@@ -20,6 +25,11 @@ and ``jax.vmap`` scores a population of merged models in one call.
 Batches are dicts of numpy arrays built on the host once per data set (``*_batch`` builders): prompts
 LEFT-padded for generation (every row's next token lands in the same slot), and prompt+continuation
 rows for likelihood with a mask of the continuation's tokens.
+
+Text comparisons (exact match, regular expressions) need the generation as text, and decoding is the
+tokenizer's, a host function: those two scorers hand the generated tokens to the host with
+``jax.pure_callback`` (batched over any vmapped axes in one call), so they stay jit-compiled functions of
+the parameters that ``jax.vmap`` maps over a population like the others.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import numpy as np
 from evojax_merge.data.synthetic_text import TextExample
 from evojax_merge.errors import DataError
 from evojax_merge.models import llama
+from evojax_merge.tasks.kinds import KINDS
 
 Batch = dict[str, np.ndarray]
 
@@ -148,7 +159,9 @@ def generation_batch(tokenizer, examples: Sequence[TextExample], pad_id: int,
     """Left-padded prompts plus the reference answer as a number and as tokens.
 
     Keys: ``input_ids``/``attention_mask`` (N, T); ``answer`` (N,) float32 (NaN when the answer has no
-    number); ``answer_ids`` (N, A) int32, -1 past the answer's end (for :func:`prefix_match_scores`).
+    number); ``answer_ids`` (N, A) int32, -1 past the answer's end (for :func:`prefix_match_scores`);
+    ``answer_text`` (N, B) uint8, the answer's UTF-8 bytes, with ``answer_length`` (N,) int32 bytes used
+    (for the text comparisons, which read the answer as a string on the host).
     """
     prompts = [prompt_format(e.prompt) for e in examples]
     ids, mask = _left_pad([encode(tokenizer, p) for p in prompts], pad_id, width)
@@ -163,16 +176,95 @@ def generation_batch(tokenizer, examples: Sequence[TextExample], pad_id: int,
     answer_ids = np.full((len(examples), a_w), -1, np.int32)
     for i, a in enumerate(ans_tokens):
         answer_ids[i, :min(len(a), a_w)] = a[:a_w]
-    return {"input_ids": ids, "attention_mask": mask, "answer": answers, "answer_ids": answer_ids}
+    encoded = [e.answer.encode("utf-8") for e in examples]
+    answer_text = np.zeros((len(examples), max(map(len, encoded))), np.uint8)
+    for i, b in enumerate(encoded):
+        answer_text[i, :len(b)] = np.frombuffer(b, np.uint8)
+    return {"input_ids": ids, "attention_mask": mask, "answer": answers, "answer_ids": answer_ids,
+            "answer_text": answer_text, "answer_length": np.array(list(map(len, encoded)), np.int32)}
 
 
-def exact_match_scores(params, batch: Batch, *, config: llama.LlamaConfig, table: dict,
+def last_number_scores(params, batch: Batch, *, config: llama.LlamaConfig, table: dict,
                        max_new_tokens: int, pad_token_id: int, scan_layers: bool = False) -> jax.Array:
     """1.0 where the last number of the greedy generation equals ``batch["answer"]``, else 0.0 (N,)."""
     out = llama.generate(params, batch["input_ids"], batch["attention_mask"], config=config,
                          max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
     value, found = last_number_in_tokens(out, table)
     return (found & (value == batch["answer"])).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------ text comparisons (host)
+def answer_pattern(pattern: str, answer: str) -> str:
+    """``pattern`` with every ``{answer}`` replaced by ``re.escape(answer)`` (other braces, e.g. ``\\d{3}``,
+    are left alone: this is a plain substitution, not ``str.format``)."""
+    return pattern.replace("{answer}", re.escape(answer))
+
+
+def generated_text(tokenizer, tokens, eos_ids: Sequence[int]) -> str:
+    """The decoded greedy generation ``tokens`` (M,) up to (without) its first end-of-sequence token."""
+    tokens = [int(t) for t in tokens]
+    stop = next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+    return decode(tokenizer, tokens[:stop])
+
+
+def _text_matches(match: Callable[[str, str], bool], tokenizer, eos_ids: tuple[int, ...], tokens, answer_text,
+                  answer_length) -> np.ndarray:
+    """Host side of the text scorers: 1.0 where ``match(generation, answer)``, for arrays with any leading
+    (vmapped) axes: ``tokens`` (..., M), ``answer_text`` (..., B), ``answer_length`` (...,)."""
+    tokens, answer_text, answer_length = map(np.asarray, (tokens, answer_text, answer_length))
+    lead = tokens.shape[:-1]
+    tokens = tokens.reshape(-1, tokens.shape[-1])
+    answer_text = answer_text.reshape(-1, answer_text.shape[-1])
+    answer_length = answer_length.reshape(-1)
+    out = np.zeros(len(tokens), np.float32)
+    for i in range(len(tokens)):
+        answer = answer_text[i, :answer_length[i]].tobytes().decode("utf-8")
+        out[i] = float(match(generated_text(tokenizer, tokens[i], eos_ids), answer))
+    return out.reshape(lead)
+
+
+def _text_scores(params, batch: Batch, match, *, tokenizer, config: llama.LlamaConfig, max_new_tokens: int,
+                 pad_token_id: int, scan_layers: bool) -> jax.Array:
+    out = llama.generate(params, batch["input_ids"], batch["attention_mask"], config=config,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
+    host = partial(_text_matches, match, tokenizer, tuple(config.eos_token_id or ()))
+    # broadcast_all: under jax.vmap (a population) the host gets every candidate's rows in one call.
+    return jax.pure_callback(host, jax.ShapeDtypeStruct(out.shape[:-1], jnp.float32), out,
+                             jnp.asarray(batch["answer_text"]), jnp.asarray(batch["answer_length"]),
+                             vmap_method="broadcast_all")
+
+
+def _same_stripped(generation: str, answer: str) -> bool:
+    return generation.strip() == answer.strip()
+
+
+def exact_match_scores(params, batch: Batch, *, tokenizer, config: llama.LlamaConfig, max_new_tokens: int,
+                       pad_token_id: int, scan_layers: bool = False) -> jax.Array:
+    """1.0 where the greedy generation up to its first EOS, decoded and stripped of surrounding whitespace,
+    equals the answer stripped the same way, else 0.0 (N,). A batch from :func:`generation_batch`."""
+    return _text_scores(params, batch, _same_stripped, tokenizer=tokenizer, config=config,
+                        max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
+
+
+class _PatternMatch:
+    """``re.search(answer_pattern(pattern, answer), generation)``, compiled once per answer."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self.compiled: dict[str, re.Pattern] = {}
+
+    def __call__(self, generation: str, answer: str) -> bool:
+        if answer not in self.compiled:
+            self.compiled[answer] = re.compile(answer_pattern(self.pattern, answer))
+        return self.compiled[answer].search(generation) is not None
+
+
+def regex_scores(params, batch: Batch, *, pattern: str, tokenizer, config: llama.LlamaConfig, max_new_tokens: int,
+                 pad_token_id: int, scan_layers: bool = False) -> jax.Array:
+    """1.0 where the decoded greedy generation (up to its first EOS, not stripped) contains a match of
+    ``pattern`` (``re.search``; ``{answer}`` stands for the row's answer, escaped), else 0.0 (N,)."""
+    return _text_scores(params, batch, _PatternMatch(pattern), tokenizer=tokenizer, config=config,
+                        max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
 
 
 def prefix_match_scores(params, batch: Batch, *, config: llama.LlamaConfig, max_new_tokens: int,
@@ -271,16 +363,28 @@ def choice_scores(params, batch: Batch, *, config: llama.LlamaConfig, mean: bool
 
 # ------------------------------------------------------------------------------------------ tasks
 def make_scorer(kind: str, config: llama.LlamaConfig, tokenizer=None, *, max_new_tokens: int = 16,
-                pad_token_id: int = 0, scan_layers: bool = False) -> Callable:
-    """A jit-compiled ``scores(params, batch) -> (N,)`` of one kind: "exact_match", "prefix_match",
-    "answer_match", "loglik", "answer_prob" or "choice".
+                pad_token_id: int = 0, scan_layers: bool = False, pattern: str | None = None) -> Callable:
+    """A jit-compiled ``scores(params, batch) -> (N,)`` of one kind of :data:`~evojax_merge.tasks.kinds.KINDS`:
+    "exact_match", "last_number", "regex" (with ``pattern``), "prefix_match", "answer_match", "loglik",
+    "answer_prob" or "choice".
     Vmap it over a population: ``jax.vmap(scorer, in_axes=(0, None))``.
     ``scan_layers`` (generation kinds): compile faster, decode slower (see ``llama.generate``)."""
+    if kind in ("exact_match", "last_number", "regex") and tokenizer is None:
+        raise DataError(f"{kind} needs the tokenizer (to read the generated tokens)")
+    generation = dict(config=config, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                      scan_layers=scan_layers)
     if kind == "exact_match":
-        if tokenizer is None:
-            raise DataError("exact_match needs the tokenizer (to find the digit tokens)")
-        fn = partial(exact_match_scores, config=config, table=number_table(tokenizer, config.vocab_size),
-                     max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, scan_layers=scan_layers)
+        fn = partial(exact_match_scores, tokenizer=tokenizer, **generation)
+    elif kind == "regex":
+        if pattern is None:
+            raise DataError("the regex kind needs a pattern (a regular expression the generation must contain)")
+        try:  # a broken pattern fails here, not inside a compiled search
+            re.compile(answer_pattern(pattern, ""))
+        except re.error as e:
+            raise DataError(f"the regex pattern {pattern!r} is not a regular expression: {e}") from None
+        fn = partial(regex_scores, pattern=pattern, tokenizer=tokenizer, **generation)
+    elif kind == "last_number":
+        fn = partial(last_number_scores, table=number_table(tokenizer, config.vocab_size), **generation)
     elif kind == "prefix_match":
         fn = partial(prefix_match_scores, config=config, max_new_tokens=max_new_tokens,
                      pad_token_id=pad_token_id, scan_layers=scan_layers)
@@ -294,6 +398,5 @@ def make_scorer(kind: str, config: llama.LlamaConfig, tokenizer=None, *, max_new
     elif kind == "choice":
         fn = partial(choice_scores, config=config)
     else:
-        raise DataError(f"unknown LM task kind {kind!r}; known: exact_match, prefix_match, answer_match, "
-                        "loglik, answer_prob, choice")
+        raise DataError(f"unknown LM task kind {kind!r}; known: {', '.join(KINDS)}")
     return jax.jit(fn)

@@ -91,7 +91,7 @@ class FinetuneConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalTask:
     """A held-out test set and how it is scored: ``kind`` is a :func:`lm.make_scorer` kind
-    ("exact_match" for a numeric answer, "answer_match" for an exact string answer)."""
+    ("last_number" for a numeric answer, "answer_match" for an exact string answer)."""
 
     name: str
     kind: str

@@ -37,10 +37,15 @@ from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.models import hf_io, llama
 from evojax_merge.files import write_atomic, write_json
 from evojax_merge.tasks.kinds import KINDS, PROMPT_FORMAT_NAMES
+from evojax_merge.tasks.task_file import read_examples
 from evojax_merge.train.lm_finetune import EvalTask, FinetuneConfig, evaluate, finetune, prepare_eval_tasks
 
 # How each skill is scored: a numeric answer by its last number, a list answer by exact string + EOS.
-SKILL_SCORING = {"arithmetic": ("exact_match", 6), "list_ops": ("answer_match", 24)}
+SKILL_SCORING = {"arithmetic": ("last_number", 6), "list_ops": ("answer_match", 24)}
+# The manifest's format. Version 2 names the last-number scorer "last_number"; a manifest without a
+# ``format_version`` (version 1) named it "exact_match", which now is the string exact match: reading it
+# maps the old name to the scorer it meant.
+MANIFEST_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -164,6 +169,7 @@ def build_seeds(out_dir: str | os.PathLike, recipe: SeedRecipe | None = None, pr
         accuracy = {name: {s: float(np.mean(v)) for s, v in evaluate(p, prepared).items()}
                     for name, p in models.items()}
     manifest = {
+        "format_version": MANIFEST_VERSION,
         "models": {name: f"{name}/model" for name in models},
         "base_model": "base",
         "specialists": {s: s for s in recipe.skills},
@@ -217,6 +223,12 @@ class SeedManifest:
         if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not isinstance(
                 data.get("tasks"), dict):
             raise DataError(f"{path} is not a seeds manifest (needs 'models' and 'tasks')")
+        version = data.get("format_version", 1)
+        if version not in (1, MANIFEST_VERSION):
+            raise DataError(f"{path}: format_version must be 1 or {MANIFEST_VERSION}, got {version!r}")
+        if version == 1:  # "exact_match" meant the last number then
+            data = dict(data, tasks={skill: dict(t, kind="last_number") if isinstance(t, dict) and
+                                     t.get("kind") == "exact_match" else t for skill, t in data["tasks"].items()})
         _check_manifest(path, data)
         return cls(path, data)
 
@@ -288,40 +300,6 @@ def _check_manifest(path: pathlib.Path, data: dict) -> None:
     fmt = data.get("prompt_format", "plain")
     if fmt not in PROMPT_FORMAT_NAMES:
         raise DataError(f"{path}: prompt_format must be one of {', '.join(PROMPT_FORMAT_NAMES)}, got {fmt!r}")
-
-
-def read_examples(path: str | os.PathLike) -> list[TextExample]:
-    """The examples of a task's JSONL file (one ``{"prompt", "answer"[, "distractors"]}`` object a line),
-    checked: DataError naming the file and line for a line that is not such an object, or an empty file."""
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} cannot be read as UTF-8 text: {e}") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {n}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(d, dict):
-            raise DataError(f"{where}: an example must be a JSON object with 'prompt' and 'answer', "
-                            f"got {type(d).__name__}")
-        for field in ("prompt", "answer"):
-            if field not in d:
-                raise DataError(f"{where}: no {field!r} (an example needs 'prompt' and 'answer')")
-            if not isinstance(d[field], str) or not d[field]:
-                raise DataError(f"{where}: {field!r} must be a non-empty string, got {d[field]!r}")
-        distractors = d.get("distractors", [])
-        if not isinstance(distractors, list) or not all(isinstance(x, str) and x for x in distractors):
-            raise DataError(f"{where}: 'distractors' must be a list of non-empty strings, got {distractors!r}")
-        out.append(TextExample(d["prompt"], d["answer"], tuple(distractors)))
-    if not out:
-        raise DataError(f"{path} holds no examples (an empty task file)")
-    return out
 
 
 def add_heldout_split(seeds_dir: str | os.PathLike, split: str, n: int, data_seed: int = 0,

@@ -31,8 +31,8 @@ from evojax_merge.files import write_atomic, write_json
 from evojax_merge.tasks import lm
 from evojax_merge.train.lm_finetune import EvalTask, FinetuneConfig, evaluate, finetune, prepare_eval_tasks, \
     save_model_atomic
-from evojax_merge.train.lm_seeds import (SKILL_SCORING, SeedRecipe, accuracy_table, add_heldout_split,
-                                        parse_split_request, skill_splits)
+from evojax_merge.train.lm_seeds import (MANIFEST_VERSION, SKILL_SCORING, SeedRecipe, accuracy_table,
+                                        add_heldout_split, parse_split_request, skill_splits)
 
 SKILLS = ("arithmetic", "list_ops")
 # The untuned chat model may talk before it gives the number: leave it room (the specialists stop early).
@@ -111,6 +111,7 @@ def run(a) -> int:
     accuracy = {name: {s: float(np.mean(v)) for s, v in evaluate(p, prepared).items()}
                 for name, p in models.items()}
     write_json(out / "seeds.json", {
+        "format_version": MANIFEST_VERSION,
         "models": {name: f"{name}/model" for name in models},
         "base_model": "base",
         "specialists": {s: s for s in SKILLS},
