@@ -41,18 +41,6 @@ from evojax_merge.models.tokenizer_identity import check_same_tokenizer
 from evojax_merge.merge.model_card import model_card
 from evojax_merge.merge.plan import TensorJob, plan_merge
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
-
 
 def parse_size(text: str) -> int:
     """``"2GB"``, ``"500MB"``, ``"1e9"`` -> bytes."""
@@ -410,12 +398,13 @@ def merge_checkpoints(
                 for key in ("torch_dtype", "dtype"):  # transformers < 5 and >= 5 spell it differently
                     if key in config or key == "torch_dtype":
                         config[key] = name
+            from evojax_merge.models import hf_io  # imports JAX, which the merge loads by now anyway
+
             try:
                 stats = _stream(recipe, ckpts, jobs, tmp, shard_bytes, verbose)
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-                for name in TOKENIZER_FILES:
-                    if (tok_dir / name).is_file():
-                        shutil.copyfile(tok_dir / name, tmp / name)  # modes from the umask, not the source
+                hf_io.copy_tokenizer_files(tok_dir, tmp)
+                hf_io.write_generation_config(tmp, tok_dir, config)
                 card = model_card(recipe, out.name, {m: c.config for m, c in ckpts.items()})
                 (tmp / "README.md").write_text(card)
                 (tmp / "merge_recipe.yaml").write_text(recipe.text)

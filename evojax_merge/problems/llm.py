@@ -136,6 +136,11 @@ class Seeds:
     def config(self) -> llama.LlamaConfig:
         return self.configs[0]
 
+    @property
+    def tokenizer_folder(self) -> str:
+        """The folder whose tokenizer files the exports copy: model A's."""
+        return self.names[0]
+
 
 def warn(message: str) -> None:
     """One line on stderr: input that is legal but almost surely a mistake (the run goes on)."""
