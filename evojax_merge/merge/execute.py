@@ -39,9 +39,10 @@ from evojax_merge.merge.checkpoint import DTYPES, BufferPool, Checkpoint, Sharde
 from evojax_merge.merge.config import Recipe, check_folders, parse_recipe
 from evojax_merge.merge.realigned import realign
 from evojax_merge.models.tokenizer_identity import check_same_tokenizer, tokenizer_identity
-from evojax_merge.models.vocabulary import SOURCES, VocabularyPlan, copy_tokenizer_files, plan_vocabulary
+from evojax_merge.models.vocabulary import SOURCES, VocabularyPlan, plan_vocabulary
 from evojax_merge.merge.model_card import model_card
 from evojax_merge.merge.plan import TensorJob, plan_merge
+
 
 def parse_size(text: str) -> int:
     """``"2GB"``, ``"500MB"``, ``"1e9"`` -> bytes."""
@@ -389,7 +390,7 @@ def merge_checkpoints(
             for m in recipe.models:
                 ckpts[m] = Checkpoint(m)
             ref_model = recipe.base_model or recipe.models[0]
-            vocabulary, write_tokenizer = _output_vocabulary(recipe, ckpts, ref_model)
+            vocabulary, tokenizer_folder, write_tokenizer = _output_vocabulary(recipe, ckpts, ref_model)
             readers = ckpts if vocabulary is None else realign(vocabulary, ckpts)
             jobs, out_layers = plan_merge(recipe, readers)
             config = dict(readers[ref_model].config)
@@ -400,10 +401,13 @@ def merge_checkpoints(
                 for key in ("torch_dtype", "dtype"):  # transformers < 5 and >= 5 spell it differently
                     if key in config or key == "torch_dtype":
                         config[key] = name
+            from evojax_merge.models import hf_io  # imports JAX, which the merge loads by now anyway
+
             try:
                 stats = _stream(recipe, readers, jobs, tmp, shard_bytes, verbose)
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
                 write_tokenizer(tmp)
+                hf_io.write_generation_config(tmp, tokenizer_folder, config)
                 card = model_card(recipe, out.name, {m: c.config for m, c in ckpts.items()})
                 (tmp / "README.md").write_text(card)
                 (tmp / "merge_recipe.yaml").write_text(recipe.text)
@@ -437,9 +441,9 @@ def embedding_rows(ckpt: Checkpoint) -> int:
 
 
 def _output_vocabulary(recipe: Recipe, ckpts: dict[str, Checkpoint], ref_model: str
-                       ) -> tuple[VocabularyPlan | None, Callable[[Path], None]]:
-    """How the inputs' rows map onto the output vocabulary (None: they already agree) and the function
-    writing the output's tokenizer files.
+                       ) -> tuple[VocabularyPlan | None, Path, Callable[[Path], Any]]:
+    """How the inputs' rows map onto the output vocabulary (None: they already agree), the folder whose
+    tokenizer (and generation settings) the output takes, and the function writing the tokenizer files.
 
     Without a tokenizer section, models whose tokenizers differ are refused (the same token id would
     mean different tokens in their embeddings) and the reference model's files are copied, or another
@@ -451,6 +455,8 @@ def _output_vocabulary(recipe: Recipe, ckpts: dict[str, Checkpoint], ref_model: 
       ConfigError: a ``tokenizer_source`` without tokenizer files while other inputs have them, a token
         entry naming a model or token that does not exist.
     """
+    from evojax_merge.models import hf_io
+
     by_folder: dict[str, str] = {}
     for where, folder in recipe.folders:
         by_folder.setdefault(folder, where)
@@ -459,20 +465,20 @@ def _output_vocabulary(recipe: Recipe, ckpts: dict[str, Checkpoint], ref_model: 
         missing = set(check_same_tokenizer({where: folder for folder, where in by_folder.items()},
                                            align_hint="give the recipe a tokenizer_source (base, a model or union)"))
         having = [folder for folder, where in by_folder.items() if where not in missing]
-        chosen = ref_model if by_folder.get(ref_model) not in missing or not having else having[0]
-        return None, copy_tokenizer_files(Path(chosen))
+        chosen = Path(ref_model if by_folder.get(ref_model) not in missing or not having else having[0])
+        return None, chosen, functools.partial(hf_io.copy_tokenizer_files, chosen)
     if spec.source not in SOURCES and tokenizer_identity(spec.source) is None:
         having = [f for f in by_folder if f != spec.source and tokenizer_identity(f) is not None]
         if having:
             raise ConfigError(f"recipe {recipe.path}: tokenizer_source {spec.source} has no tokenizer files, but"
                               f" {having[0]} has")
-        return None, copy_tokenizer_files(Path(spec.source))
+        return None, Path(spec.source), functools.partial(hf_io.copy_tokenizer_files, Path(spec.source))
     try:
         plan = plan_vocabulary(spec, {m: embedding_rows(ckpts[m]) for m in recipe.models}, recipe.base_model,
                                ref_model)
     except ConfigError as e:
         raise ConfigError(f"recipe {recipe.path}: {e}") from None
-    return (None if plan.is_identity else plan), plan.write or copy_tokenizer_files(Path(ref_model))
+    return (None if plan.is_identity else plan), plan.folder, plan.write
 
 
 # Jobs read ahead of the one being merged: enough to keep reading while the first kernels load or

@@ -40,7 +40,8 @@ def to_mergekit(space: RecipeSpace, genome, models: Sequence[str], base_model: s
       space: the genome layout (Hugging Face Llama-family tensor names are assumed).
       genome: float [space.size].
       models: the merged models' folders, in genome order.
-      base_model: the base folder (task-vector methods); for SLERP the first model is the ``t = 0`` end.
+      base_model: the base folder, written for the task-vector methods only (the others ignore it in the
+        search); for SLERP the first model is the ``t = 0`` end.
       dtype: output dtype written into the recipe (e.g. "float32"), or None.
       random_seed: seed for random sparsifiers.
     """
@@ -60,7 +61,9 @@ def to_mergekit(space: RecipeSpace, genome, models: Sequence[str], base_model: s
     if space.method == "slerp":
         recipe["base_model"] = str(models[0])
         entries = [{"model": str(m)} for m in models]
-    elif base_model is not None:
+    elif base_model is not None and method.needs_base:
+        # Only task-vector methods read a base: mergekit counts the base_model of another method (linear,
+        # ...) as one more model to merge, which the genome has no genes for.
         recipe["base_model"] = str(base_model)
     recipe["models"] = entries
     if top:

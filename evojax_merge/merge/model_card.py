@@ -40,18 +40,62 @@ def model_card(recipe: Recipe, out_name: str, configs: dict[str, dict[str, Any]]
     configs = configs or {}
     base = recipe.base_model
     models = [m for m in recipe.models if m != base]
-    meta: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "evojax-merge"]}
+    details = [f"- Method: `{recipe.method.name}`"]
     if base:
-        meta["base_model"] = [model_name(base, configs.get(base))]
-    front = yaml.safe_dump(meta, sort_keys=False, default_flow_style=False, allow_unicode=True)
-    lines = ["---", front.rstrip("\n"), "---", f"# {out_name}", "",
-             "This model was merged in parameter space with evojax-merge (`evojax-merge merge`).", "",
-             "## Merge details", "", f"- Method: `{recipe.method.name}`"]
-    if base:
-        lines.append(f"- Base model: {model_name(base, configs.get(base))} (`{base}`)")
-    lines.append("- Models:")
-    lines += [f"  - {model_name(m, configs.get(m))} (`{m}`)" for m in models]
+        details.append(f"- Base model: {model_name(base, configs.get(base))} (`{base}`)")
+    details.append("- Models:")
+    details += [f"  - {model_name(m, configs.get(m))} (`{m}`)" for m in models]
     if recipe.out_dtype:
-        lines.append(f"- Output dtype: {recipe.out_dtype}")
-    lines += ["", "## Recipe", "", "```yaml", recipe.text.rstrip(), "```", ""]
+        details.append(f"- Output dtype: {recipe.out_dtype}")
+    return _card(out_name, [model_name(base, configs.get(base))] if base else [],
+                 "This model was merged in parameter space with evojax-merge (`evojax-merge merge`).",
+                 details, recipe.text, ())
+
+
+# What each search export is, for the card's summary and its tags.
+SEARCH_KINDS = {
+    "ps": ("an evolved parameter-space merge recipe (per-layer genes of a merge method)", "evolutionary-merge"),
+    "dfs": ("an evolved data-flow path (a sequence of decoder layers taken from the models, each input scaled)",
+            "evolutionary-merge"),
+    "m2n2": ("evolved whole-model merges (M2N2: split-point SLERP of whole models)", "m2n2"),
+}
+
+
+def search_card(kind: str, out_name: str, models: dict[str, dict[str, Any]], base: str | None,
+                base_config: dict[str, Any] | None, method: str, recipe: dict[str, Any]) -> str:
+    """README.md for the best model of a search (``kind``: ``ps``, ``dfs`` or ``m2n2``).
+
+    Args:
+      kind: the search (see :data:`SEARCH_KINDS`).
+      out_name: the title.
+      models: the seed folders (model A first) -> their ``config.json`` dicts.
+      base: the base model's folder (task-vector methods), or None.
+      base_config: its ``config.json`` dict.
+      method: the method line, e.g. ``dare_ties (PS recipe)``.
+      recipe: what the search found (the decoded genes, or the path's hops), shown inline as YAML.
+
+    The metadata's ``base_model`` is the base when there is one, else the models merged (the Hub's
+    convention for merges), each by its real name (:func:`model_name`).
+    """
+    summary, tag = SEARCH_KINDS[kind]
+    names = {m: model_name(m, c) for m, c in models.items()}
+    details = [f"- Method: `{method}`"]
+    if base:
+        details.append(f"- Base model: {model_name(base, base_config)} (`{base}`)")
+    details.append("- Models (model A first):")
+    details += [f"  - {names[m]} (`{m}`)" for m in models]
+    meta_names = [model_name(base, base_config)] if base else list(dict.fromkeys(names.values()))
+    text = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+    return _card(out_name, meta_names, f"This model is {summary}, found by an evolutionary search with evojax-merge.",
+                 details, text, (tag,))
+
+
+def _card(title: str, base_models: list[str], summary: str, details: list[str], recipe_text: str,
+          tags: tuple[str, ...]) -> str:
+    meta: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "evojax-merge", *tags]}
+    if base_models:
+        meta["base_model"] = base_models
+    front = yaml.safe_dump(meta, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    lines = ["---", front.rstrip("\n"), "---", f"# {title}", "", summary, "", "## Merge details", "", *details,
+             "", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)

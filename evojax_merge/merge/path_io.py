@@ -42,8 +42,6 @@ def save_path_model(folder: str | os.PathLike, config_a: llama.LlamaConfig, spac
       path: the path (a single one, host or device arrays).
       sources: names of the pool models (folders), recorded for the reader.
     """
-    from safetensors.numpy import save_file
-
     folder = FsPath(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layers, scales = dataflow.active_hops(path)
@@ -55,7 +53,7 @@ def save_path_model(folder: str | os.PathLike, config_a: llama.LlamaConfig, spac
     for layer in sorted(set(layers)):
         for key, value in pool["layers"].items():
             tensors[f"pool_layers.{layer}.{key}"] = np.ascontiguousarray(np.asarray(value[layer]))
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf_io.save_safetensors(tensors, folder / "model.safetensors")
     meta = {
         "format": FORMAT,
         "max_hops": space.max_hops,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError
+from evojax_merge.files import umask
 from evojax_merge.models.llama import LlamaConfig, Params
 
 # Pytree name -> Hugging Face tensor name ({i} is the layer index).
@@ -202,23 +203,36 @@ def tensors_from_params(config: LlamaConfig, params: Params) -> dict[str, np.nda
 
 
 def save_hf_folder(folder: str | os.PathLike, config: LlamaConfig, params: Params, tokenizer=None,
-                   max_shard_bytes: int | None = None) -> Path:
+                   max_shard_bytes: int | None = None, *, like: str | os.PathLike | None = None,
+                   tokenizer_folder: str | os.PathLike | None = None, card: str | None = None) -> Path:
     """Writes ``params`` as a Hugging Face folder (config.json, safetensors, tokenizer if given).
 
     ``max_shard_bytes`` splits the weights into shards with a ``model.safetensors.index.json``.
     The tensors keep the parameters' dtype (float32 or bfloat16).
-    """
-    from safetensors.numpy import save_file
 
+    A folder other tools load as the seeds they came from (what the searches export) needs more than the
+    weights; the keywords add it:
+
+    Args:
+      like: a model folder (model A) whose config.json fields that :class:`LlamaConfig` does not model are
+        kept (``_name_or_path``, ``transformers_version``, ...) and whose generation_config.json is copied
+        (one is derived from the config's bos / eos / pad ids when it has none).
+      tokenizer_folder: a folder whose tokenizer files (tokenizer.json, tokenizer_config.json with the chat
+        template, special_tokens_map.json, ...) are copied unchanged; ``tokenizer`` is then not needed.
+      card: the README.md (model card) text.
+
+    Every file gets the mode of a plain ``open`` under the umask (0644 under umask 022).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = tensors_from_params(config, params)
     dtype = next(iter(tensors.values())).dtype
-    cfg = config.to_hf_dict() | {"torch_dtype": "bfloat16" if dtype.name == "bfloat16" else "float32"}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    cfg = hf_config(config, "bfloat16" if dtype.name == "bfloat16" else "float32",
+                    None if like is None else read_config_dict(like))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     total = sum(t.nbytes for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, folder / "model.safetensors")
     else:
         shards, current, size = [], {}, 0
         for name, t in tensors.items():
@@ -230,13 +244,110 @@ def save_hf_folder(folder: str | os.PathLike, config: LlamaConfig, params: Param
         weight_map = {}
         for n, shard in enumerate(shards, 1):
             fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / fname), metadata={"format": "pt"})
+            save_safetensors(shard, folder / fname)
             weight_map.update({name: fname for name in shard})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    if tokenizer is not None:
+    if tokenizer_folder is not None:
+        copy_tokenizer_files(tokenizer_folder, folder)
+    elif tokenizer is not None:
         save_tokenizer(tokenizer, folder)
+    if like is not None:
+        write_generation_config(folder, like, cfg)
+    if card is not None:
+        (folder / "README.md").write_text(card)
     return folder
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """A safetensors file (PyTorch format tag) with the mode of a plain ``open`` under the umask."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~umask())  # safetensors creates its files 0600: unreadable by other users
+
+
+def read_config_dict(folder: str | os.PathLike) -> dict:
+    """The raw config.json mapping of a model folder (every field, modelled by :class:`LlamaConfig` or not).
+
+    Raises:
+      DataError: no config.json or one that is not a JSON mapping (naming the file).
+    """
+    path = Path(folder) / "config.json"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a model config: a JSON mapping is expected, got {type(d).__name__}")
+    return d
+
+
+# config.json fields that describe every layer: wrong for an export with another layer count (a data-flow path).
+_PER_LAYER_FIELDS = ("layer_types",)
+
+
+def hf_config(config: LlamaConfig, dtype: str, like: dict | None = None) -> dict:
+    """The config.json dict of a model of ``config`` with weights in ``dtype``.
+
+    ``like``: a seed's config.json dict; the fields ``config`` does not model (``_name_or_path``,
+    ``transformers_version``, ``initializer_range``, ...) are kept, those it models are ``config``'s.
+    """
+    out = dict(like or {})
+    if out.get("num_hidden_layers") != config.num_hidden_layers:
+        for key in _PER_LAYER_FIELDS:
+            out.pop(key, None)
+    out.update(config.to_hf_dict())
+    for key in ("torch_dtype", "dtype"):  # transformers < 5 and >= 5 spell it differently
+        if key in out or key == "torch_dtype":
+            out[key] = dtype
+    return out
+
+
+# The files of a tokenizer (every format transformers reads), copied unchanged from a model folder.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def copy_tokenizer_files(src_folder: str | os.PathLike, dst_folder: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer files of ``src_folder`` (:data:`TOKENIZER_FILES`) into ``dst_folder``.
+
+    The copies get the modes of new files under the umask, not the source's (a read-only source would
+    otherwise give read-only exports). Returns the names copied.
+    """
+    import shutil
+
+    src, dst = Path(src_folder), Path(dst_folder)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_generation_config(dst_folder: str | os.PathLike, src_folder: str | os.PathLike | None,
+                            config: dict) -> None:
+    """generation_config.json in ``dst_folder``: ``src_folder``'s when it has one, else derived from the
+    ``config`` dict's bos / eos / pad token ids (what ``generate`` needs to start and stop)."""
+    import shutil
+
+    source = None if src_folder is None else Path(src_folder) / "generation_config.json"
+    if source is not None and source.is_file():
+        shutil.copyfile(source, Path(dst_folder) / "generation_config.json")
+        return
+    derived = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if config.get(key) is not None}
+    (Path(dst_folder) / "generation_config.json").write_text(json.dumps(derived, indent=2) + "\n")
 
 
 # -------------------------------------------------------------------------------------- tokenizer

@@ -24,6 +24,7 @@ onto themselves is the identity and changes nothing (:attr:`VocabularyPlan.is_id
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -33,28 +34,17 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError
+from evojax_merge.models.tokenizer_identity import tokenizer_identity
 
 SOURCES = ("base", "union")
 # Substrings of the names of tensors whose rows are tokens (Llama / Mistral / Qwen, GPT-2, GPT-NeoX).
 VOCABULARY_TENSORS = ("embed_tokens", "lm_head", "wte", "embed_out")
 TOKEN_KEYS = {"source", "force"}
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
-# The files a model folder's tokenizer is made of (and its generation settings), copied with it.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 # Written with a union tokenizer (besides tokenizer.json): the reference's, updated or as they are. The
 # slow formats' files (vocab.json, merges.txt, tokenizer.model, added_tokens.json) would contradict the
 # added tokens, so they are not copied: transformers reads tokenizer.json.
-UNION_SIDE_FILES = ("special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+UNION_SIDE_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +138,7 @@ def is_vocabulary_tensor(name: str, shape: tuple[int, ...], rows: int) -> bool:
 
 def read_vocabulary(folder: str | os.PathLike, rows: int) -> dict[str, int] | None:
     """A folder's token -> id (added tokens included, ids < ``rows`` only), or None without tokenizer files."""
-    from evojax_merge.models.hf_io import load_tokenizer
-    from evojax_merge.models.tokenizer_identity import tokenizer_identity
+    from evojax_merge.models.hf_io import load_tokenizer  # imports JAX: not when a recipe is only parsed
 
     if tokenizer_identity(folder) is None:
         return None
@@ -178,8 +167,9 @@ class VocabularyPlan:
     base: str | None
     tokens: tuple[tuple[str, TokenSource], ...]
     original: dict[str, dict[str, int]]  # each model's own vocabulary
-    tokenizer: Any = None  # the output tokenizer (tokenizers.Tokenizer or transformers), for tasks
-    write: Callable[[Path], None] | None = None  # writes the output's tokenizer files into a folder
+    folder: Path  # the folder the output's tokenizer comes from (the reference, or the named source)
+    tokenizer: Any  # the output tokenizer (tokenizers.Tokenizer or transformers), for tasks
+    write: Callable[[Path], Any]  # writes the output's tokenizer files into a folder
 
     @property
     def is_identity(self) -> bool:
@@ -266,6 +256,8 @@ def plan_vocabulary(spec: TokenizerSpec | None, models: Mapping[str, int], base:
         reference whose tokenizer is not a tokenizer.json.
       DataError: unreadable tokenizer files.
     """
+    from evojax_merge.models.hf_io import copy_tokenizer_files, load_tokenizer  # imports JAX: see above
+
     spec = spec or TokenizerSpec("base")
     for token, src in spec.tokens:
         if src.model is not None and src.model not in models:
@@ -280,7 +272,8 @@ def plan_vocabulary(spec: TokenizerSpec | None, models: Mapping[str, int], base:
         if not having:  # no tokenizer anywhere: ids are taken to mean the same in every model
             ids = np.arange(models[reference])
             return VocabularyPlan({}, models[reference], tuple(models), dict(models), {m: ids for m in models},
-                                  base, spec.tokens, original, None, None)
+                                  base, spec.tokens, original, Path(reference), None,
+                                  functools.partial(copy_tokenizer_files, reference))
         reference = having[0]
     for model in models:  # a folder without tokenizer files uses the reference's
         original.setdefault(model, {t: i for t, i in original[reference].items() if i < models[model]})
@@ -295,11 +288,9 @@ def plan_vocabulary(spec: TokenizerSpec | None, models: Mapping[str, int], base:
         tokenizer, write = _union_tokenizer(reference, [m for m in models if m != reference], original)
         vocab = {t: int(i) for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     else:
-        from evojax_merge.models.hf_io import load_tokenizer
-
         vocab = original[tokenizer_folder]
         tokenizer = load_tokenizer(tokenizer_folder)
-        write = copy_tokenizer_files(Path(tokenizer_folder))
+        write = functools.partial(copy_tokenizer_files, tokenizer_folder)
     same = all(original[m] == vocab for m in models) and not any(src.force for _, src in spec.tokens)
     n = max(vocab.values()) + 1 if vocab else models[reference]
     if same:  # one vocabulary: every model keeps its rows (padding rows too)
@@ -316,19 +307,10 @@ def plan_vocabulary(spec: TokenizerSpec | None, models: Mapping[str, int], base:
         if same:
             r = np.arange(n) if models[model] >= n else r
         rows[model] = r
-    plan = VocabularyPlan(vocab, size, tuple(models), dict(models), rows, base, spec.tokens, original, tokenizer,
-                          write)
+    plan = VocabularyPlan(vocab, size, tuple(models), dict(models), rows, base, spec.tokens, original,
+                          Path(tokenizer_folder), tokenizer, write)
     plan.check_tokens()
     return plan
-
-
-def copy_tokenizer_files(folder: Path) -> Callable[[Path], None]:
-    """A function copying ``folder``'s tokenizer files (and generation_config.json) into another folder."""
-    def write(out: Path) -> None:
-        for name in TOKENIZER_FILES:
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, out / name)  # modes from the umask, not the source
-    return write
 
 
 def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict[str, int]]):

@@ -219,7 +219,8 @@ class LanguageModelOptions:
 
 @dataclasses.dataclass
 class Seeds:
-    """The seed models of a search (model A first), their base and model A's tokenizer."""
+    """The seed models of a search (model A first), their base and the tokenizer (model A's, or the output
+    vocabulary's when ``problem.seeds.tokenizer`` aligns them)."""
 
     names: list[str]
     configs: list[llama.LlamaConfig]

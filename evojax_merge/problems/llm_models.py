@@ -6,7 +6,8 @@ fine-tuned models themselves (all of them, model A first), each scored once. Arc
 them by split-point SLERP over the flattened parameters (no mutation for pre-trained seeds: set
 ``strategy.mutation_std: 0``), usually after a warm-up of random merges (``strategy.warmup: 50``).
 
-The best model is exported as a Hugging Face folder (``best/model``).
+The best model is exported as a Hugging Face folder (``best/model``: config.json keeping model A's other
+fields, generation_config.json, model A's tokenizer files and a model card).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pathlib
 import jax
 
 from evojax_merge.config import check, options
+from evojax_merge.merge.model_card import search_card
 from evojax_merge.merge.operators import stack_trees
 from evojax_merge.models import hf_io
 from evojax_merge.tasks.kinds import NONNEGATIVE_KINDS
@@ -65,7 +67,12 @@ class LLMModelsProblem(LanguageModelProblem):
         return candidate
 
     def export(self, candidate, out_dir: pathlib.Path, fitness_data) -> dict:
-        hf_io.save_hf_folder(out_dir / "model", self.seeds.config, candidate, self.seeds.tokenizer)
+        seeds = self.seeds
+        card = search_card("m2n2", out_dir.parent.name + "/" + out_dir.name,
+                           {n: hf_io.read_config_dict(n) for n in seeds.names}, None, None,
+                           "m2n2 (whole models)", {"models": list(seeds.names)})
+        hf_io.save_hf_folder(out_dir / "model", seeds.config, candidate, like=seeds.names[0],
+                             tokenizer_folder=seeds.tokenizer_folder, card=card)
         return {"model": str(out_dir / "model")}
 
 

@@ -9,7 +9,10 @@ PS + DFS is a pipeline of two runs: ``first_model`` puts a Hugging Face folder, 
 ``best/model``, at the head of the pool as model A.
 
 The best path is exported as a path model (``best/model``, which :func:`~evojax_merge.merge.path_io.load_path_model`
-and ``llama.generate`` run), its hops (``best/recipe.yaml``) and the genome (``best/genome.npy``).
+and ``llama.generate`` run), as a plain Hugging Face folder with one decoder layer per hop (``best/hf_model``,
+the hop scales folded into the weights: :func:`unrolled_path`; with config.json keeping model A's other fields,
+generation_config.json, the tokenizer files and a model card), its hops (``best/recipe.yaml``) and the genome
+(``best/genome.npy``).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from evojax_merge.config import check, options
-from evojax_merge.errors import ConfigError
+from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.files import write_yaml
 from evojax_merge.merge import dataflow, path_io
-from evojax_merge.models import llama
+from evojax_merge.merge.model_card import search_card
+from evojax_merge.models import hf_io, llama
 from evojax_merge.problems.llm import (LanguageModelProblem, LanguageModelOptions, build_task_suite, load_model,
                                       load_seeds, task_skills)
 
@@ -103,11 +107,55 @@ class LLMPathProblem(LanguageModelProblem):
                 for l, s in zip(layers, scales)]
         path_io.save_path_model(out_dir / "model", self.pool_configs[0], space, fitness_data["models"], path, names,
                                 self.seeds.tokenizer)
-        write_yaml(out_dir / "recipe.yaml", {
-            "pool": names, "layers_per_model": list(space.layers_per_model), "repeats": space.repeats,
-            "max_hops": space.max_hops, "hops": hops,
-        })
-        return {"model": str(out_dir / "model"), "path_length": len(layers), "genome_size": space.size}
+        recipe = {"pool": names, "layers_per_model": list(space.layers_per_model), "repeats": space.repeats,
+                  "max_hops": space.max_hops, "hops": hops}
+        write_yaml(out_dir / "recipe.yaml", recipe)
+        config, params = unrolled_path(self.pool_configs[0], fitness_data["models"], layers, scales)
+        card = search_card("dfs", out_dir.parent.name + "/" + out_dir.name,
+                           {n: hf_io.read_config_dict(n) for n in names}, None, None, "data-flow path (DFS)",
+                           recipe)
+        hf_io.save_hf_folder(out_dir / "hf_model", config, params, like=names[0],
+                             tokenizer_folder=self.seeds.tokenizer_folder, card=card)
+        return {"model": str(out_dir / "model"), "hf_model": str(out_dir / "hf_model"), "path_length": len(layers),
+                "genome_size": space.size}
+
+
+def unrolled_path(config_a: llama.LlamaConfig, pool: llama.Params, layers: list[int], scales: list[float]
+                  ) -> tuple[llama.LlamaConfig, llama.Params]:
+    """A plain Llama (one decoder layer per hop, no hop scales) that computes what the path computes.
+
+    A hop multiplies its input by ``s``; a plain Llama cannot. But every layer reads the residual stream
+    only through an RMSNorm, which ignores the stream's scale, and adds to it through ``o_proj`` and
+    ``down_proj``, which are linear. So the stream can be carried divided by ``C_h``, the product of the
+    scales up to hop ``h``: hop ``h``'s ``o_proj`` and ``down_proj`` are divided by ``C_h``, and its two
+    norms (and the final norm, by the last ``C``) take the sign of ``C_h``, since RMSNorm(-x) = -RMSNorm(x).
+    The one difference is RMSNorm's epsilon, which acts as ``eps / C_h**2`` (negligible while the
+    stream's mean square is far above ``eps``).
+
+    Args:
+      config_a: model A's config; pool: :func:`dataflow.make_pool` of the models.
+      layers, scales: the active hops (:func:`dataflow.active_hops`).
+
+    Raises:
+      DataError: a zero scale product (the path then discards the stream, which no plain model can express).
+    """
+    cumulative = np.cumprod(np.asarray(scales, np.float64))
+    if not np.all(np.abs(cumulative) > 0):
+        raise DataError("a data-flow path whose hop scales multiply to 0 cannot be written as a plain model")
+    index = jnp.asarray(layers, jnp.int32)
+    stacked = jax.tree.map(lambda x: x[index], pool["layers"])
+    inverse = jnp.asarray(1.0 / cumulative, jnp.float32)[:, None, None]
+    sign = jnp.asarray(np.sign(cumulative), jnp.float32)[:, None]
+    stacked = stacked | {
+        "o_proj": (stacked["o_proj"] * inverse).astype(stacked["o_proj"].dtype),
+        "down_proj": (stacked["down_proj"] * inverse).astype(stacked["down_proj"].dtype),
+        "input_layernorm": (stacked["input_layernorm"] * sign).astype(stacked["input_layernorm"].dtype),
+        "post_attention_layernorm": (stacked["post_attention_layernorm"] * sign
+                                     ).astype(stacked["post_attention_layernorm"].dtype),
+    }
+    params = {k: v for k, v in pool.items() if k != "layers"} | {"layers": stacked}
+    params["norm"] = (pool["norm"] * float(np.sign(cumulative[-1]))).astype(pool["norm"].dtype)
+    return dataflow.path_config(config_a, len(layers)), params
 
 
 def llm_path(**spec):

@@ -6,7 +6,8 @@ merge method (DARE-TIES weight and density by default; SLERP's ``t`` for the CMA
 :func:`~evojax_merge.merge.recipe.merge_genome` turns it into a model inside the compiled step. The search
 starts from one mean genome (every gene at ``recipe.init``, 0.5 in the paper) that is not itself scored.
 
-The best genome is exported as a Hugging Face folder (``best/model``), its decoded genes
+The best genome is exported as a Hugging Face folder (``best/model``: config.json keeping model A's other
+fields, generation_config.json, model A's tokenizer files and a model card holding the recipe), its decoded genes
 (``best/recipe.yaml``), the same recipe in mergekit's format (``best/mergekit.yaml``, which ``evojax-merge
 merge`` reads too) and the genome itself (``best/genome.npy``).
 """
@@ -23,6 +24,7 @@ import numpy as np
 from evojax_merge.config import check, options
 from evojax_merge.files import write_yaml
 from evojax_merge.merge.mergekit_export import to_mergekit
+from evojax_merge.merge.model_card import search_card
 from evojax_merge.merge.names import FAMILIES
 from evojax_merge.merge.operators import get_method, stack_trees
 from evojax_merge.merge.recipe import merge_genome
@@ -71,7 +73,6 @@ class LLMRecipeProblem(LanguageModelProblem):
         genome = np.asarray(genome)
         np.save(out_dir / "genome.npy", genome)
         merged = jax.jit(self.model_of)(jnp.asarray(genome), fitness_data["models"])
-        hf_io.save_hf_folder(out_dir / "model", self.seeds.config, merged, self.seeds.tokenizer)
         space, r = self.space, self.options.recipe
         write_recipe(out_dir / "recipe.yaml", space, genome, self.seeds.names, self.seeds.base_name, r.merge_seed,
                      group_names(space, "layers", ("input embeddings", "final norm + head"),
@@ -81,6 +82,14 @@ class LLMRecipeProblem(LanguageModelProblem):
                                None if base is None else str(pathlib.Path(base).resolve()),
                                dtype=self.options.seeds.dtype, random_seed=r.merge_seed)
         write_yaml(out_dir / "mergekit.yaml", mergekit)
+        seeds = self.seeds
+        merged_base = base if get_method(space.method).needs_base else None  # SLERP's base is not merged
+        card = search_card("ps", out_dir.parent.name + "/" + out_dir.name,
+                           {n: hf_io.read_config_dict(n) for n in seeds.names}, merged_base,
+                           None if merged_base is None else hf_io.read_config_dict(merged_base),
+                           f"{space.method} (PS recipe)", mergekit)
+        hf_io.save_hf_folder(out_dir / "model", seeds.config, merged, like=seeds.names[0],
+                             tokenizer_folder=seeds.tokenizer_folder, card=card)
         return {"model": str(out_dir / "model"), "genome_size": space.size}
 
 

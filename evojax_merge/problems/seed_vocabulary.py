@@ -9,7 +9,9 @@ vocabulary, and the output tokenizer (written to a folder the exports copy from)
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -90,5 +92,8 @@ def seed_vocabulary(option: Any, folders: dict[str, str], configs: dict[str, lla
             tensors[f][name] = aligned[f]
     # The output tokenizer's files: the tasks read it, and the exports copy it next to the merged model.
     folder = Path(tempfile.mkdtemp(prefix="evojax-merge-tokenizer-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the run's exports have copied it by then
     plan.write(folder)
+    if (plan.folder / "generation_config.json").is_file():  # the exports take the generation settings from here
+        shutil.copyfile(plan.folder / "generation_config.json", folder / "generation_config.json")
     return SeedVocabulary(plan, tensors, folder)
