@@ -353,7 +353,8 @@ def test_ps_search_over_seeds_of_different_vocabularies_exports_the_union(grown_
     config = {"name": "t", "problem": {
         "name": "llm_recipe", "score_seeds": True,
         "seeds": {"models": [grown_seeds["a"], grown_seeds["b"]], "base": grown_seeds["base"], "tokenizer": "union"},
-        "task": {"skills": [{"skill": "arithmetic", "kind": "loglik", "n_train": 4, "n_test": 4}]}},
+        "task": {"skills": [{"skill": "arithmetic", "kind": "loglik", "n_train": 4, "n_test": 4}]},
+        "recipe": {"merge_method": "ties"}},  # deterministic: the merge command rebuilds it exactly (DARE: in law)
         "strategy": {"name": "evosax:CMA_ES", "population_size": 4, "sigma_init": 0.1},
         "run": {"out_dir": str(tmp_path), "seeds": [0], "evaluations": 8, "log_every": 4}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
@@ -362,3 +363,15 @@ def test_ps_search_over_seeds_of_different_vocabularies_exports_the_union(grown_
     assert model.config.vocab_size == TINY.vocab_size + 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["baselines"]["seeds_test"]) == {grown_seeds["a"], grown_seeds["b"], grown_seeds["base"]}
+    # The exported mergekit recipe says how the vocabularies were aligned, and the merge command rebuilds
+    # the searched model from it.
+    recipe = yaml.safe_load((tmp_path / "run" / "best" / "mergekit.yaml").read_text())
+    assert recipe["tokenizer_source"] == "union"
+    merge_checkpoints(tmp_path / "run" / "best" / "mergekit.yaml", tmp_path / "rebuilt")
+    from safetensors.numpy import load_file
+
+    rebuilt = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
+    searched = load_file(str(tmp_path / "run" / "best" / "model" / "model.safetensors"))
+    assert set(rebuilt) == set(searched)
+    for name in searched:
+        np.testing.assert_allclose(rebuilt[name], searched[name], rtol=0, atol=1e-5, err_msg=name)

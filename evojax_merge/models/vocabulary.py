@@ -66,6 +66,29 @@ class TokenizerSpec:
     tokens: tuple[tuple[str, TokenSource], ...] = ()
     pad_to_multiple_of: int | None = None
 
+    def to_recipe(self, name: Callable[[str], str] = str) -> dict[str, Any]:
+        """The recipe keys that say this (``tokenizer_source``, or a ``tokenizer`` section), for mergekit;
+        ``name`` writes a model folder as the recipe names it (e.g. resolved to an absolute path)."""
+        source = self.source if self.source in SOURCES else name(self.source)
+        if not self.tokens and self.pad_to_multiple_of is None:
+            return {"tokenizer_source": source}
+        tokens = {}
+        for token, src in self.tokens:
+            if src.kind == "model":
+                value: Any = name(src.model)
+            elif src.kind == "zero":
+                value = {"kind": "zero"}
+            else:
+                value = {"kind": "model_token", "model": name(src.model),
+                          **({"token": src.token} if src.token_id is None else {"token_id": src.token_id})}
+            tokens[token] = {"source": value, **({"force": True} if src.force else {})}
+        section: dict[str, Any] = {"source": source}
+        if tokens:
+            section["tokens"] = tokens
+        if self.pad_to_multiple_of is not None:
+            section["pad_to_multiple_of"] = self.pad_to_multiple_of
+        return {"tokenizer": section}
+
 
 def parse_tokenizer_spec(source: Any, section: Any, where: str,
                          folder: Callable[[Any, str], str]) -> TokenizerSpec | None:

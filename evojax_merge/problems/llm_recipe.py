@@ -81,6 +81,8 @@ class LLMRecipeProblem(LanguageModelProblem):
         mergekit = to_mergekit(space, genome, [str(pathlib.Path(n).resolve()) for n in self.seeds.names],
                                None if base is None else str(pathlib.Path(base).resolve()),
                                dtype=self.options.seeds.dtype, random_seed=r.merge_seed)
+        if self.seeds.vocabulary is not None:  # the seeds' vocabularies were aligned: the recipe says how
+            mergekit.update(self.seeds.vocabulary.spec.to_recipe(lambda f: str(pathlib.Path(f).resolve())))
         write_yaml(out_dir / "mergekit.yaml", mergekit)
         seeds = self.seeds
         merged_base = base if get_method(space.method).needs_base else None  # SLERP's base is not merged

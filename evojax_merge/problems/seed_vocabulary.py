@@ -22,7 +22,7 @@ import numpy as np
 from evojax_merge.errors import ConfigError
 from evojax_merge.merge.checkpoint import Checkpoint
 from evojax_merge.models import llama
-from evojax_merge.models.vocabulary import VocabularyPlan, parse_tokenizer_spec, plan_vocabulary
+from evojax_merge.models.vocabulary import TokenizerSpec, VocabularyPlan, parse_tokenizer_spec, plan_vocabulary
 
 KEY = "problem.seeds.tokenizer"
 # Parameter of the Llama pytree -> Hugging Face tensor name, for the tensors whose rows are tokens.
@@ -33,6 +33,7 @@ VOCABULARY_PARAMS = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm
 class SeedVocabulary:
     """Every model's remapped vocabulary tensors and the output tokenizer (its files in ``folder``)."""
 
+    spec: TokenizerSpec
     plan: VocabularyPlan
     tensors: dict[str, dict[str, np.ndarray]]  # model folder -> parameter name -> (size, hidden) rows
     folder: Path
@@ -96,4 +97,4 @@ def seed_vocabulary(option: Any, folders: dict[str, str], configs: dict[str, lla
     plan.write(folder)
     if (plan.folder / "generation_config.json").is_file():  # the exports take the generation settings from here
         shutil.copyfile(plan.folder / "generation_config.json", folder / "generation_config.json")
-    return SeedVocabulary(plan, tensors, folder)
+    return SeedVocabulary(spec, plan, tensors, folder)
