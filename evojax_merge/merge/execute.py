@@ -36,7 +36,8 @@ import numpy as np
 from evojax_merge.errors import ConfigError, EvojaxMergeError
 from evojax_merge.merge import selection
 from evojax_merge.merge.checkpoint import DTYPES, BufferPool, Checkpoint, ShardedWriter
-from evojax_merge.merge.config import Recipe, check_folders, parse_recipe
+from evojax_merge.merge.config import Recipe, check_folders, input_folders, parse_recipe
+from evojax_merge.models.lora import tokenizer_folder
 from evojax_merge.models.tokenizer_identity import check_same_tokenizer
 from evojax_merge.merge.model_card import model_card
 from evojax_merge.merge.plan import TensorJob, plan_merge
@@ -393,7 +394,7 @@ def merge_checkpoints(
     recipe = parse_recipe(recipe_path)
     shard_bytes = parse_size(max_shard_size)
     check_folders(recipe)
-    out = check_output_folder(out, [folder for _, folder in recipe.folders], overwrite=overwrite)
+    out = check_output_folder(out, input_folders(recipe), overwrite=overwrite)
     with _partial_folder(out) as tmp:
         ckpts: dict[str, Checkpoint] = {}
         try:
@@ -462,7 +463,7 @@ def _tokenizer_folder(recipe: Recipe, ref_model: str) -> Path:
             raise ConfigError(f"recipe {recipe.path}: tokenizer_source {chosen} has no tokenizer files, but"
                               f" {having[0]} has")
         chosen = having[0]
-    return Path(chosen)
+    return Path(tokenizer_folder(chosen))  # an adapted model's: its adapter's tokenizer, else its base's
 
 
 # Jobs read ahead of the one being merged: enough to keep reading while the first kernels load or

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError
+from evojax_merge.models import lora
 from evojax_merge.models.llama import LlamaConfig, Params
 
 # Pytree name -> Hugging Face tensor name ({i} is the layer index).
@@ -35,12 +36,19 @@ TOP_TENSORS = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.
 
 
 def read_config(folder: str | os.PathLike) -> LlamaConfig:
-    """The :class:`LlamaConfig` of a model folder.
+    """The :class:`LlamaConfig` of a model folder (of the base of an adapted model, whose adapter is read and
+    checked against it here: a wrong adapter is found before any weights load).
 
     Raises:
-      DataError: no folder, no config.json, or a file that is not a JSON mapping (naming the file).
+      DataError: no folder, no config.json, or a file that is not a JSON mapping (naming the file); an
+        adapter that cannot be read or does not fit the base.
       ConfigError: an unsupported architecture, a missing field or an impossible value (naming the file).
     """
+    ref = lora.parse_reference(folder)
+    if ref.adapter is not None:
+        config = read_config(ref.base)
+        lora.read_adapter(ref.adapter).check_against(_hf_shapes(config), ref.base)
+        return config
     path = Path(folder) / "config.json"
     if not path.is_file():
         why = "" if Path(folder).is_dir() else " (the folder does not exist)"
@@ -160,15 +168,24 @@ def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], dty
     return params
 
 
-def check_weights(folder: str | os.PathLike, config: LlamaConfig, check_finite: bool = True) -> None:
-    """What :func:`load_hf_folder` would check (every tensor present with its shape, and finite with
-    ``check_finite``), one tensor in memory at a time: a folder checked now and loaded later."""
-    shapes = {name: tuple(tensor.shape) for name, tensor in _iter_tensors(Path(folder), check_finite)}
+def _hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a model of this config, by Hugging Face name."""
     expected = config.param_shapes
     wanted = {name: expected[key] for key, name in TOP_TENSORS.items() if key in expected}
     for key, name in LAYER_TENSORS.items():
         wanted |= {name.format(i=i): expected["layers"][key][1:] for i in range(config.num_hidden_layers)}
-    for name, shape in wanted.items():
+    return wanted
+
+
+def check_weights(folder: str | os.PathLike, config: LlamaConfig, check_finite: bool = True) -> None:
+    """What :func:`load_hf_folder` would check (every tensor present with its shape, and finite with
+    ``check_finite``), one tensor in memory at a time: a folder checked now and loaded later."""
+    ref = lora.parse_reference(folder)
+    if ref.adapter is not None:
+        lora.read_adapter(ref.adapter).check_against(_hf_shapes(config), ref.base)
+        folder = ref.base
+    shapes = {name: tuple(tensor.shape) for name, tensor in _iter_tensors(Path(folder), check_finite)}
+    for name, shape in _hf_shapes(config).items():
         if name not in shapes:
             raise DataError(f"{folder}: missing tensor {name!r}")
         if shapes[name] != tuple(shape):
@@ -179,9 +196,15 @@ def load_hf_folder(folder: str | os.PathLike, dtype=jnp.float32, check_finite: b
                    ) -> tuple[LlamaConfig, Params]:
     """Reads a Hugging Face Llama/Mistral folder into ``(config, params)`` with params in ``dtype``.
 
-    ``check_finite``: refuse weights holding NaN or infinite values (DataError naming file and tensor)."""
-    config = read_config(folder)
-    return config, params_from_tensors(config, read_tensors(folder, check_finite), dtype, source=str(folder))
+    ``check_finite``: refuse weights holding NaN or infinite values (DataError naming file and tensor).
+    ``folder`` may be a reference to an adapted model (``BASE+ADAPTER``, an adapter folder): the base's
+    weights with the adapter's ``scale * B @ A`` added (:func:`lora.adapted_tensors`)."""
+    ref = lora.parse_reference(folder)
+    config = read_config(ref.base)
+    tensors = read_tensors(ref.base, check_finite)
+    if ref.adapter is not None:
+        tensors = lora.adapted_tensors(tensors, lora.read_adapter(ref.adapter), ref.base)
+    return config, params_from_tensors(config, tensors, dtype, source=str(folder))
 
 
 def tensors_from_params(config: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
@@ -244,9 +267,12 @@ def load_tokenizer(folder: str | os.PathLike):
     """The folder's tokenizer: a ``tokenizers.Tokenizer`` from tokenizer.json when there is one,
     otherwise ``transformers.AutoTokenizer`` (e.g. for a SentencePiece ``tokenizer.model``).
 
+    An adapted model's tokenizer is the adapter folder's when it has one, else the base's.
+
     Raises:
       DataError: the tokenizer file cannot be read, or the folder has no tokenizer (naming it).
     """
+    folder = lora.tokenizer_folder(folder)
     path = Path(folder) / "tokenizer.json"
     if path.is_file():
         from tokenizers import Tokenizer
