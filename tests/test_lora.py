@@ -69,6 +69,7 @@ def tiny(tmp_path_factory):
         "rslora": dict(r=4, alpha=6.0, use_rslora=True),
         "pattern": dict(r=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj"],
                         rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 3}, alpha_pattern={"v_proj": 5.0}),
+        "head": dict(r=2, alpha=4.0, targets=["lm_head", "up_proj"]),
     }
     for i, (name, spec) in enumerate(specs.items()):
         adapters[name] = root / f"adapter_{name}"
@@ -234,3 +235,90 @@ def test_a_missing_adapter_folder_is_named_with_its_recipe_key(tiny, tmp_path, c
     code, out = _merge(tmp_path, {"merge_method": "passthrough", "models": [f"{tiny['base']}+{tmp_path}/nope"]})
     err = capsys.readouterr().err
     assert code == 2 and "models[0].model" in err and "adapter folder" in err and "nope" in err, err
+
+
+# ------------------------------------------------------------------------------------ llm_lora genome space
+TASK = {"skills": [{"skill": "arithmetic", "kind": "answer_prob", "n_train": 4, "n_test": 4}], "max_new_tokens": 3}
+
+
+def _problem(tiny, adapters, **lora_options):
+    from evojax_merge.problems.llm_lora import llm_lora
+
+    problem, _ = llm_lora(seeds={"base": str(tiny["base"]), "models": [str(tiny["adapters"][a]) for a in adapters]},
+                          task=TASK, score_seeds=False, lora=lora_options)
+    return problem
+
+
+def _model_tensors(problem, genome):
+    fitness, _ = problem.data()
+    model = jax.jit(problem.model_of)(jnp.asarray(genome, jnp.float32), fitness["models"])
+    return hf_io.tensors_from_params(problem.seeds.config, model)
+
+
+def test_one_adapter_at_scale_one_is_the_adapted_model(tiny):
+    problem = _problem(tiny, ["plain", "pattern", "head"])
+    assert problem.space.shape == (3, TINY.num_hidden_layers + 1)  # lm_head: a group outside the layers
+    for k, name in enumerate(["plain", "pattern", "head"]):
+        genome = np.zeros(problem.space.shape)
+        genome[k] = 1.0
+        _close(_model_tensors(problem, genome.reshape(-1)), tiny["merged"][name])
+
+
+def test_scales_are_a_per_group_linear_combination_of_the_updates(tiny):
+    """Hand-set scales, two layers per group: every weight is base + sum_k s[k, group] (adapted_k - base)."""
+    problem = _problem(tiny, ["plain", "rslora", "head"], layer_group=2)
+    assert problem.space.shape == (3, 3) and problem.space.group_names() == ["layers 0-1", "layers 2-2",
+                                                                              "outside the layers"]
+    scales = np.array([[0.5, -1.0, 0.0], [2.0, 0.25, 0.0], [0.3, 0.6, -0.7]])
+    ours = _model_tensors(problem, scales.reshape(-1))
+    base = hf_io.read_tensors(tiny["base"])
+
+    def group(name):
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        return 2 if layer is None else int(layer) // 2
+
+    want = {n: base[n] + sum(scales[k, group(n)] * (tiny["merged"][a][n] - base[n])
+                             for k, a in enumerate(["plain", "rslora", "head"])) for n in base}
+    _close(ours, want, atol=2e-5)
+
+
+def test_seeds_that_are_not_adapters_of_the_base_are_refused(tiny):
+    from evojax_merge.errors import ConfigError
+    from evojax_merge.problems.llm_lora import llm_lora
+
+    with pytest.raises(ConfigError, match=r"problem.seeds.models\[1\].*not a LoRA adapter folder"):
+        llm_lora(seeds={"base": str(tiny["base"]), "models": [str(tiny["adapters"]["plain"]),
+                                                              tiny["folders"]["specialist_a"]]}, task=TASK)
+    other = f"{tiny['folders']['specialist_a']}+{tiny['adapters']['plain']}"
+    with pytest.raises(ConfigError, match=r"problem.seeds.models\[0\].*problem.seeds.base is"):
+        llm_lora(seeds={"base": str(tiny["base"]), "models": [other]}, task=TASK)
+    with pytest.raises(ConfigError, match="problem.seeds.base"):
+        llm_lora(seeds={"models": [str(tiny["adapters"]["plain"])]}, task=TASK)
+
+
+@pytest.mark.slow  # ~30 s on 2 CPU cores: compiles the search step and the baselines
+def test_a_cma_es_search_over_adapters_runs_and_exports_a_model_merge_reproduces(tiny, tmp_path):
+    """A few CMA-ES evaluations through the runner; the exported mergekit recipe, run by ``merge``, gives the
+    exported model, and scales.csv holds the genome."""
+    import csv
+
+    from evojax_merge.config import load_config
+    from run_helpers import run_config
+
+    config = {"name": "lora", "problem": {"name": "llm_lora", "task": TASK, "score_seeds": True,
+                                          "seeds": {"base": str(tiny["base"]),
+                                                    "models": [str(tiny["adapters"][a]) for a in ("plain", "head")]}},
+              "strategy": {"name": "evosax:CMA_ES", "population_size": 2, "sigma_init": 0.3},
+              "run": {"out_dir": str(tmp_path / "runs"), "seeds": [0], "evaluations": 4, "log_every": 2,
+                      "checkpoint_every": 4, "batch_size": 1}}
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(config))
+    run_dir, summary = run_config(load_config(tmp_path / "lora.yaml"), tmp_path / "run")
+    best = next(p for p in Path(run_dir).rglob("genome.npy")).parent
+    genome = np.load(best / "genome.npy")
+    assert genome.shape == (2 * (TINY.num_hidden_layers + 1),) and not np.allclose(genome, 0.5)
+    rows = list(csv.reader((best / "scales.csv").open()))
+    assert rows[0][1:] == [str(tiny["adapters"]["plain"]), str(tiny["adapters"]["head"])]
+    np.testing.assert_allclose(np.array([r[1:] for r in rows[1:]], float).T.reshape(-1), genome, rtol=1e-6)
+    assert set(summary["baselines"]["seeds_test"]) == {str(tiny["base"]), *(str(tiny["adapters"][a]) for a in ("plain", "head"))}
+    assert cli_main(["merge", str(best / "mergekit.yaml"), "--out", str(tmp_path / "again")]) == 0
+    _close(hf_io.read_tensors(tmp_path / "again"), hf_io.read_tensors(best / "model"))

@@ -328,6 +328,7 @@ class Checkpoint:
         check_finite(out, name, info.file)
         factors = None if self.adapter is None else self.adapter.factors.get(name)
         if factors is not None:  # PEFT's merge: the update in float32, the sum in the weight's dtype
+            self.adapter.check_saved_base_weight(name, out, str(self.path))
             out[...] = (out.astype(np.float32) + factors.delta()).astype(dtype)
         return out
 

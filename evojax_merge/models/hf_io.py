@@ -47,7 +47,7 @@ def read_config(folder: str | os.PathLike) -> LlamaConfig:
     ref = lora.parse_reference(folder)
     if ref.adapter is not None:
         config = read_config(ref.base)
-        lora.read_adapter(ref.adapter).check_against(_hf_shapes(config), ref.base)
+        lora.read_adapter(ref.adapter).check_against(hf_shapes(config), ref.base)
         return config
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -168,7 +168,7 @@ def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], dty
     return params
 
 
-def _hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor of a model of this config, by Hugging Face name."""
     expected = config.param_shapes
     wanted = {name: expected[key] for key, name in TOP_TENSORS.items() if key in expected}
@@ -182,10 +182,10 @@ def check_weights(folder: str | os.PathLike, config: LlamaConfig, check_finite: 
     ``check_finite``), one tensor in memory at a time: a folder checked now and loaded later."""
     ref = lora.parse_reference(folder)
     if ref.adapter is not None:
-        lora.read_adapter(ref.adapter).check_against(_hf_shapes(config), ref.base)
+        lora.read_adapter(ref.adapter).check_against(hf_shapes(config), ref.base)
         folder = ref.base
     shapes = {name: tuple(tensor.shape) for name, tensor in _iter_tensors(Path(folder), check_finite)}
-    for name, shape in _hf_shapes(config).items():
+    for name, shape in hf_shapes(config).items():
         if name not in shapes:
             raise DataError(f"{folder}: missing tensor {name!r}")
         if shapes[name] != tuple(shape):

@@ -41,6 +41,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT saves the factors under the wrapped model's names: base_model.model.<module>.lora_A.weight.
 _PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+# With lm_head or embeddings among the targets PEFT also saves the base's own weight (save_embedding_layers,
+# meant for resized vocabularies): accepted when it is the base's weight, since only then is W + B @ A right.
+_SAVED_BASE = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
 # Config entries whose (truthy) value makes the adapted weights more than W + scale * B @ A.
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora) rescales the weights by a learned magnitude",
@@ -139,6 +142,19 @@ class LoraAdapter:
     folder: Path
     base_model: str | None
     factors: dict[str, LoraFactors]
+    saved_base_weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def check_saved_base_weight(self, name: str, weight: np.ndarray, base: str) -> None:
+        """A base weight the adapter saved a copy of (``save_embedding_layers``) is the base's ``weight``.
+
+        Raises:
+          DataError: the copy differs (an adapter trained on a resized vocabulary or another base).
+        """
+        saved = self.saved_base_weights.get(name)
+        if saved is not None and (saved.shape != weight.shape or not np.array_equal(saved, weight.astype(np.float32))):
+            raise DataError(f"{self.folder / ADAPTER_WEIGHTS}: the adapter saves its own {name!r} (save_embedding_layers) "
+                            f"and it differs from the base model {base}'s: an adapter of another base or a resized "
+                            "vocabulary is not supported")
 
     def check_against(self, shapes: dict[str, tuple[int, ...]], base: str) -> None:
         """Every targeted weight is in the base with the shape the factors imply.
@@ -219,13 +235,19 @@ def read_adapter(folder: str | os.PathLike) -> LoraAdapter:
     rslora = bool(config.get("use_rslora", False))
     tensors = _read_weights(folder)
     by_module: dict[str, dict[str, np.ndarray]] = {}
+    saved_base: dict[str, np.ndarray] = {}
     path = folder / ADAPTER_WEIGHTS
     for key, tensor in tensors.items():
         if "lora_embedding" in key:
             raise DataError(f"{path}: {key}: LoRA on an embedding is not supported (only Linear targets)")
         if "lora_magnitude_vector" in key:
             raise DataError(f"{path}: {key}: DoRA magnitudes are not supported (only W + scale * B @ A)")
-        match = _FACTOR.match(key[len(_PREFIX):] if key.startswith(_PREFIX) else "")
+        module_key = key[len(_PREFIX):] if key.startswith(_PREFIX) else ""
+        saved = _SAVED_BASE.match(module_key)
+        if saved is not None:
+            saved_base[f"{saved['module']}.weight"] = np.asarray(tensor, np.float32)
+            continue
+        match = _FACTOR.match(module_key)
         if match is None:
             raise DataError(f"{path}: tensor {key!r} is not a LoRA factor ({_PREFIX}<module>.lora_A.weight / "
                             ".lora_B.weight); only Linear targets are supported")
@@ -252,7 +274,10 @@ def read_adapter(folder: str | os.PathLike) -> LoraAdapter:
     if not factors:
         raise DataError(f"{path}: no LoRA factors in the adapter")
     base = config.get("base_model_name_or_path")
-    return LoraAdapter(folder, base if isinstance(base, str) else None, factors)
+    unpaired = sorted(set(saved_base) - set(factors))
+    if unpaired:
+        raise DataError(f"{path}: {_PREFIX}{unpaired[0][:-len('.weight')]}.base_layer.weight without LoRA factors")
+    return LoraAdapter(folder, base if isinstance(base, str) else None, factors, saved_base)
 
 
 def _read_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -278,5 +303,6 @@ def adapted_tensors(tensors: dict[str, np.ndarray], adapter: LoraAdapter, base: 
     out = dict(tensors)
     for name, f in adapter.factors.items():
         w = tensors[name]
+        adapter.check_saved_base_weight(name, w, base)
         out[name] = (w.astype(np.float32) + f.delta()).astype(w.dtype)
     return out
