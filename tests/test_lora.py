@@ -110,6 +110,26 @@ def test_seed_loader_equals_peft_merge_and_unload(tiny, name):
     assert max(np.abs(base[n] - reference[n]).max() for n in base) > 1e-2
 
 
+def test_load_seeds_takes_adapted_seeds_and_checks_their_tokenizers(tiny, tmp_path):
+    """The seeds of llm_recipe / llm_path / llm_models: BASE+ADAPTER and adapter folders beside plain folders;
+    an adapter whose tokenizer gives the ids other meanings is refused like any seed."""
+    from evojax_merge.problems.llm import load_seeds
+
+    base, adapters = str(tiny["base"]), tiny["adapters"]
+    opts = SeedsOptions(models=[f"{base}+{adapters['plain']}", str(adapters["rslora"])], base=base)
+    seeds = load_seeds(opts, need_base=True)
+    for params, name in zip(seeds.models, ["plain", "rslora"]):
+        _close(hf_io.tensors_from_params(seeds.config, params), tiny["merged"][name])
+    _close(hf_io.tensors_from_params(seeds.config, seeds.base), hf_io.read_tensors(base), atol=0)
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(adapters["plain"], other)
+    tok = char_tokenizer()
+    tok.add_special_tokens(["<extra>"])
+    tok.save(str(other / "tokenizer.json"))
+    with pytest.raises(DataError, match="tokenizers of .* differ"):
+        load_seeds(SeedsOptions(models=[str(adapters["plain"]), str(other)], base=base), need_base=False)
+
+
 def _merge(tmp_path, recipe: dict, capsys=None) -> tuple[int, Path]:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
