@@ -6,13 +6,14 @@ Accepted keys (the subset of mergekit's schema that describes a merge; same mean
 - ``base_model``: model folder, needed by the task-vector methods and model_stock; for slerp it is the
   ``t = 0`` end.
 - ``models``: list of ``{model: PATH, parameters: {...}}`` (whole-model merges), or
-  (a ``PATH`` anywhere may be ``BASE+ADAPTER``, mergekit's syntax for a LoRA adapter folder applied to its
-  base, or an adapter folder alone whose ``base_model_name_or_path`` is a local folder: see
-  :mod:`evojax_merge.models.lora`)
 - ``slices``: list of ``{sources: [{model, layer_range: [a, b], parameters}], parameters}``; the output
   layers are the concatenation of the slices (layer stacking with ``passthrough``).
 - ``parameters``: global parameters; ``dtype`` / ``out_dtype``: float32, float16 or bfloat16;
   ``tokenizer_source``: model whose tokenizer files are copied (default: base, else first model).
+
+A model ``PATH`` anywhere may be ``BASE+ADAPTER`` (mergekit's syntax: a LoRA adapter folder applied to its
+base; both sides relative to the recipe) or an adapter folder alone whose ``base_model_name_or_path`` is a
+local folder (:mod:`evojax_merge.models.lora`).
 
 Parameter values are a scalar, a gradient (a list of numbers, interpolated linearly over the layers of
 the model or slice), or a list of ``{filter: SUBSTRING, value: ...}`` entries where the first entry whose
