@@ -326,10 +326,8 @@ class Checkpoint:
         if got != info.nbytes:
             raise DataError(f"tensor {name!r} in {info.file} is truncated")
         check_finite(out, name, info.file)
-        factors = None if self.adapter is None else self.adapter.factors.get(name)
-        if factors is not None:  # PEFT's merge: the update in float32, the sum in the weight's dtype
-            self.adapter.check_saved_base_weight(name, out, str(self.path))
-            out[...] = (out.astype(np.float32) + factors.delta()).astype(dtype)
+        if self.adapter is not None and name in self.adapter.factors:
+            out[...] = self.adapter.adapted(name, out, str(self.path))  # in place: the buffer may be the pool's
         return out
 
     def close(self) -> None:

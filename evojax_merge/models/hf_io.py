@@ -145,27 +145,82 @@ def _check_finite(tensor: np.ndarray, name: str, path: Path) -> None:
 def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32,
                         source: str = "checkpoint") -> Params:
     """Stacks Hugging Face-named tensors into the model's pytree, checking names and shapes."""
+    return _stack_params(config, lambda names: {n: tensors[n] for n in names if n in tensors}, dtype, source)
+
+
+def _stack_params(config: LlamaConfig, read, dtype, source: str) -> Params:
+    """The model's pytree from ``read(names) -> {name: array}`` (the names it has), asked for one parameter
+    (every layer of it) at a time, so that the host holds one parameter besides the pytree built so far."""
     shapes = config.param_shapes
 
-    def get(name, shape):
-        if name not in tensors:
-            raise DataError(f"{source}: missing tensor {name!r}")
-        t = tensors[name]
-        if tuple(t.shape) != tuple(shape):
-            raise DataError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the config "
-                            f"implies {tuple(shape)}")
-        return np.asarray(t, np.float32) if t.dtype != np.float32 else t
+    def fetch(names: list[str], shape) -> np.ndarray:
+        got = read(names)
+        out = np.empty((len(names), *shape), np.float32)
+        for i, name in enumerate(names):
+            if name not in got:
+                raise DataError(f"{source}: missing tensor {name!r}")
+            if tuple(got[name].shape) != tuple(shape):
+                raise DataError(f"{source}: tensor {name!r} has shape {tuple(got[name].shape)}, the config "
+                                f"implies {tuple(shape)}")
+            out[i] = got.pop(name)
+        return out
 
     params: Params = {}
     for key, name in TOP_TENSORS.items():
         if key in shapes:
-            params[key] = jnp.asarray(get(name, shapes[key]), dtype)
+            params[key] = jnp.asarray(fetch([name], shapes[key])[0], dtype)
     params["layers"] = {
-        key: jnp.asarray(np.stack([get(name.format(i=i), shapes["layers"][key][1:])
-                                   for i in range(config.num_hidden_layers)]), dtype)
+        key: jnp.asarray(fetch([name.format(i=i) for i in range(config.num_hidden_layers)],
+                               shapes["layers"][key][1:]), dtype)
         for key, name in LAYER_TENSORS.items()
     }
     return params
+
+
+def _tensor_locations(folder: Path) -> dict[str, Path]:
+    """The file that holds each tensor of the folder (headers only)."""
+    return {name: path for path, names in _file_keys(folder) for name in names}
+
+
+def _file_keys(folder: Path):
+    from safetensors import SafetensorError, safe_open
+
+    for path in _tensor_files(folder):
+        if not path.is_file():
+            raise DataError(f"safetensors shard {path.name} listed in the index is missing from {folder}")
+        try:
+            with safe_open(str(path), framework="np") as f:
+                names = list(f.keys())
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise DataError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                            f"{' '.join(str(e).split())}") from None
+        yield path, names
+
+
+def _read_named(locations: dict[str, Path], names: list[str], check_finite: bool) -> dict[str, np.ndarray]:
+    """The named tensors that exist, each file opened once and closed before returning: pages of a mapped
+    file count as resident memory while it is open, so a model read group by group never has all of it
+    mapped at once."""
+    from safetensors import SafetensorError, safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        if name in locations:
+            by_file.setdefault(locations[name], []).append(name)
+    out = {}
+    for path, wanted in by_file.items():
+        try:
+            with safe_open(str(path), framework="np") as f:
+                for name in wanted:
+                    out[name] = f.get_tensor(name)
+                    if check_finite:
+                        _check_finite(out[name], name, path)
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                            f"{' '.join(str(e).split())}") from None
+    return out
 
 
 def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -198,13 +253,20 @@ def load_hf_folder(folder: str | os.PathLike, dtype=jnp.float32, check_finite: b
 
     ``check_finite``: refuse weights holding NaN or infinite values (DataError naming file and tensor).
     ``folder`` may be a reference to an adapted model (``BASE+ADAPTER``, an adapter folder): the base's
-    weights with the adapter's ``scale * B @ A`` added (:func:`lora.adapted_tensors`)."""
+    weights with the adapter's ``scale * B @ A`` added (:meth:`lora.LoraAdapter.adapted`). The host holds
+    one parameter (all its layers) besides the pytree being built."""
     ref = lora.parse_reference(folder)
     config = read_config(ref.base)
-    tensors = read_tensors(ref.base, check_finite)
-    if ref.adapter is not None:
-        tensors = lora.adapted_tensors(tensors, lora.read_adapter(ref.adapter), ref.base)
-    return config, params_from_tensors(config, tensors, dtype, source=str(folder))
+    adapter = None if ref.adapter is None else lora.read_adapter(ref.adapter)
+    if adapter is not None:
+        adapter.check_against(hf_shapes(config), ref.base)
+    locations = _tensor_locations(Path(ref.base))
+
+    def read(names):
+        got = _read_named(locations, names, check_finite)
+        return got if adapter is None else {n: adapter.adapted(n, t, ref.base) for n, t in got.items()}
+
+    return config, _stack_params(config, read, dtype, source=str(folder))
 
 
 def tensors_from_params(config: LlamaConfig, params: Params) -> dict[str, np.ndarray]:

@@ -44,6 +44,8 @@ _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
 # With lm_head or embeddings among the targets PEFT also saves the base's own weight (save_embedding_layers,
 # meant for resized vocabularies): accepted when it is the base's weight, since only then is W + B @ A right.
 _SAVED_BASE = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
+# Files that define a tokenizer's ids, in any of the formats models.tokenizer_identity compares.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # Config entries whose (truthy) value makes the adapted weights more than W + scale * B @ A.
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora) rescales the weights by a learned magnitude",
@@ -114,8 +116,7 @@ def tokenizer_folder(reference: str | os.PathLike) -> str:
     """Where a model's tokenizer files are: the adapter folder when it has any (a fine-tune that added
     tokens saves them there), else the base folder."""
     ref = parse_reference(reference)
-    if ref.adapter is not None and any((Path(ref.adapter) / name).is_file()
-                                       for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if ref.adapter is not None and any((Path(ref.adapter) / name).is_file() for name in _TOKENIZER_FILES):
         return ref.adapter
     return ref.base
 
@@ -143,6 +144,15 @@ class LoraAdapter:
     base_model: str | None
     factors: dict[str, LoraFactors]
     saved_base_weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def adapted(self, name: str, weight: np.ndarray, base: str) -> np.ndarray:
+        """The base's tensor ``name`` as the adapter makes it: ``W + scale * B @ A`` computed in float32 and
+        stored in W's dtype, as PEFT's ``merge_and_unload`` does; an untargeted tensor unchanged."""
+        factors = self.factors.get(name)
+        if factors is None:
+            return weight
+        self.check_saved_base_weight(name, weight, base)
+        return (weight.astype(np.float32) + factors.delta()).astype(weight.dtype)
 
     def check_saved_base_weight(self, name: str, weight: np.ndarray, base: str) -> None:
         """A base weight the adapter saved a copy of (``save_embedding_layers``) is the base's ``weight``.
@@ -294,15 +304,3 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise DataError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
                         f"{' '.join(str(e).split())}") from None
-
-
-def adapted_tensors(tensors: dict[str, np.ndarray], adapter: LoraAdapter, base: str) -> dict[str, np.ndarray]:
-    """The base's tensors (by Hugging Face name) with every targeted weight replaced by ``W + scale * B @ A``
-    (computed in float32, stored in the weight's dtype, as PEFT's ``merge_and_unload`` does)."""
-    adapter.check_against({name: t.shape for name, t in tensors.items()}, base)
-    out = dict(tensors)
-    for name, f in adapter.factors.items():
-        w = tensors[name]
-        adapter.check_saved_base_weight(name, w, base)
-        out[name] = (w.astype(np.float32) + f.delta()).astype(w.dtype)
-    return out
