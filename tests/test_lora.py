@@ -312,6 +312,8 @@ def test_seeds_that_are_not_adapters_of_the_base_are_refused(tiny):
     other = f"{tiny['folders']['specialist_a']}+{tiny['adapters']['plain']}"
     with pytest.raises(ConfigError, match=r"problem.seeds.models\[0\].*problem.seeds.base is"):
         llm_lora(seeds={"base": str(tiny["base"]), "models": [other]}, task=TASK)
+    with pytest.raises(ConfigError, match=r"problem.seeds.models\[0\].*nope does not exist"):
+        llm_lora(seeds={"base": str(tiny["base"]), "models": [str(tiny["root"] / "nope")]}, task=TASK)
     with pytest.raises(ConfigError, match="problem.seeds.base"):
         llm_lora(seeds={"models": [str(tiny["adapters"]["plain"])]}, task=TASK)
 

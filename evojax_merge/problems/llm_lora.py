@@ -148,6 +148,8 @@ def adapter_references(opts: LLMLoraOptions) -> tuple[str, list[str], list[str]]
         named_base, adapter = lora.split_reference(name)
         if adapter is None:
             adapter = name
+            if not pathlib.Path(name).is_dir():
+                raise ConfigError(f"config key '{label}': adapter folder {name} does not exist")
             if not lora.is_adapter_folder(name):
                 raise ConfigError(f"config key '{label}': {name} is not a LoRA adapter folder (no adapter_config.json; "
                                   "llm_lora searches over adapters of problem.seeds.base)")
