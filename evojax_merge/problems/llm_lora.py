@@ -86,11 +86,13 @@ class ScaleSpace:
 
 
 def stack_factors(adapters: list[lora.LoraAdapter], config: llama.LlamaConfig) -> dict:
-    """The adapters' factors as the pytree the compiled step reads, scales folded into B.
+    """The adapters' factors as the pytree the compiled step reads, each adapter's scale folded into its B.
 
-    ``{"layers": {key: (a [K, L, R, in], b [K, L, out, R])}, key: (a [K, R, in], b [K, out, R])}`` for every
-    parameter some adapter targets (keys of :mod:`evojax_merge.models.llama`); R is the largest rank of
-    that parameter, smaller ranks and untargeted layers are zero-padded (zero rows add nothing to B @ A).
+    ``{"layers": {key: (a [L, K*R, in], b [L, out, K*R])}, key: (a [K*R, in], b [out, K*R])}`` for every
+    parameter some adapter targets (keys of :mod:`evojax_merge.models.llama`): adapter k owns ranks
+    ``k*R .. k*R + R - 1``, R being the largest rank of that parameter; smaller ranks and untargeted layers
+    are zero-padded (zero rows add nothing to B @ A). Laid out so that a candidate's update of a layer is
+    one matrix product ``b[l] @ (s * a[l])`` over contiguous ranks, with no transposed copies.
     """
     shapes = config.param_shapes
     L, K = config.num_hidden_layers, len(adapters)
@@ -99,22 +101,22 @@ def stack_factors(adapters: list[lora.LoraAdapter], config: llama.LlamaConfig) -
     targets += [(key, name, False) for key, name in hf_io.TOP_TENSORS.items() if key in shapes]
     for key, name, stacked in targets:
         names = [name.format(i=i) for i in range(L)] if stacked else [name]
-        found = [[ad.factors.get(n) for n in names] for ad in adapters]
+        found = [[ad.factors.get(n) for ad in adapters] for n in names]
         rank = max((f.a.shape[0] for row in found for f in row if f is not None), default=0)
         if not rank:
             continue
         w_out, w_in = (shapes["layers"][key][1:] if stacked else shapes[key])
-        a = np.zeros((K, len(names), rank, w_in), np.float32)
-        b = np.zeros((K, len(names), w_out, rank), np.float32)
-        for k, row in enumerate(found):
-            for i, f in enumerate(row):
+        a = np.zeros((len(names), K * rank, w_in), np.float32)
+        b = np.zeros((len(names), w_out, K * rank), np.float32)
+        for i, row in enumerate(found):
+            for k, f in enumerate(row):
                 if f is not None:
                     r = f.a.shape[0]
-                    a[k, i, :r], b[k, i, :, :r] = f.a, f.scale * f.b
+                    a[i, k * rank:k * rank + r], b[i, :, k * rank:k * rank + r] = f.a, f.scale * f.b
         if stacked:
             out["layers"][key] = (jnp.asarray(a), jnp.asarray(b))
         else:
-            out[key] = (jnp.asarray(a[:, 0]), jnp.asarray(b[:, 0]))
+            out[key] = (jnp.asarray(a[0]), jnp.asarray(b[0]))
     return out
 
 
@@ -122,16 +124,19 @@ def scaled_model(space: ScaleSpace, genome: jax.Array, base: llama.Params, facto
     """``base + sum_k s[k, group] * B_k @ A_k`` for every targeted parameter (float32 update, stored in the
     base's dtype); the genome is ``space.shape`` flattened."""
     scales = jnp.asarray(genome, jnp.float32).reshape(space.shape)
-    layer_scales = scales[:, jnp.arange(space.num_layers) // space.layer_group]  # [K, L]
+    layer_scales = scales[:, jnp.arange(space.num_layers) // space.layer_group].T  # [L, K]
+
+    def update(w, a, b, s):  # w [..., out, in], a [..., K*R, in], b [..., out, K*R], s [..., K]
+        rows = jnp.repeat(s, a.shape[-2] // space.n_adapters, axis=-1)[..., None]  # [..., K*R, 1]
+        delta = jnp.matmul(b, rows * a)  # "...or,...ri->...oi": one product per layer over the adapters' ranks
+        return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
     model = dict(base, layers=dict(base["layers"]))
     for key, (a, b) in factors["layers"].items():
-        delta = jnp.einsum("kl,klor,klri->loi", layer_scales, b, a)  # one [out, K*R] @ [K*R, in] per layer
-        model["layers"][key] = (base["layers"][key].astype(jnp.float32) + delta).astype(base["layers"][key].dtype)
+        model["layers"][key] = update(base["layers"][key], a, b, layer_scales)
     for key, value in factors.items():
         if key != "layers":
-            a, b = value
-            delta = jnp.einsum("k,kor,kri->oi", scales[:, -1], b, a)
-            model[key] = (base[key].astype(jnp.float32) + delta).astype(base[key].dtype)
+            model[key] = update(base[key], *value, scales[:, -1])
     return model
 
 
