@@ -25,6 +25,7 @@ from typing import Iterable
 import numpy as np
 
 from evojax_merge.errors import DataError
+from evojax_merge.models.lora import parse_reference, read_adapter
 
 
 class _Dtypes(Mapping):
@@ -222,18 +223,22 @@ def _check_config(config: object, config_path: Path) -> None:
 
 
 class Checkpoint:
-    """A Hugging Face model folder: config.json plus one or several safetensors files.
+    """A Hugging Face model folder: config.json plus one or several safetensors files; or such a folder
+    with a LoRA adapter applied (``BASE+ADAPTER`` or an adapter folder, :mod:`evojax_merge.models.lora`),
+    whose targeted weights read as ``W + scale * B @ A``, one tensor at a time like any other.
 
     Args:
-      path: the folder.
+      path: the folder, or a reference to an adapted model.
 
     Raises:
       DataError: missing folder, config or weights, unreadable or inconsistent files, a config that is
-        not a transformers model config or describes a quantized model.
+        not a transformers model config or describes a quantized model; an adapter that cannot be read or
+        does not fit the base (naming the adapter file and the tensor).
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        ref = parse_reference(path)
+        self.path = Path(ref.base)
         if not self.path.is_dir():
             raise DataError(
                 f"model folder {self.path} does not exist (models are read from local folders;"
@@ -251,6 +256,10 @@ class Checkpoint:
         _check_config(self.config, config_path)
         self._handles: dict[Path, object] = {}
         self.tensors = self._index()
+        # The low-rank factors of an adapter are small: read whole, each update made when its tensor is read.
+        self.adapter = None if ref.adapter is None else read_adapter(ref.adapter)
+        if self.adapter is not None:
+            self.adapter.check_against({n: info.shape for n, info in self.tensors.items()}, str(self.path))
 
     def _index(self) -> dict[str, TensorInfo]:
         index_path = self.path / INDEX_FILE
@@ -317,6 +326,8 @@ class Checkpoint:
         if got != info.nbytes:
             raise DataError(f"tensor {name!r} in {info.file} is truncated")
         check_finite(out, name, info.file)
+        if self.adapter is not None and name in self.adapter.factors:
+            out[...] = self.adapter.adapted(name, out, str(self.path))  # in place: the buffer may be the pool's
         return out
 
     def close(self) -> None:

@@ -13,6 +13,10 @@ Accepted keys (the subset of mergekit's schema that describes a merge; same mean
   (``base``, a model or ``union``) and how the rows of tokens a model lacks are filled
   (:mod:`evojax_merge.models.vocabulary`); without it, models whose tokenizers differ are refused.
 
+A model ``PATH`` anywhere may be ``BASE+ADAPTER`` (mergekit's syntax: a LoRA adapter folder applied to its
+base; both sides relative to the recipe) or an adapter folder alone whose ``base_model_name_or_path`` is a
+local folder (:mod:`evojax_merge.models.lora`).
+
 Parameter values are a scalar, a gradient (a list of numbers, interpolated linearly over the layers of
 the model or slice), or a list of ``{filter: SUBSTRING, value: ...}`` entries where the first entry whose
 filter is a substring of the tensor name applies and an entry without filter is the default. Precedence,
@@ -39,9 +43,10 @@ import numpy as np
 import yaml
 
 from evojax_merge.config import FLOAT_TEXT, yaml_error_line
-from evojax_merge.errors import ConfigError
+from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.merge.names import tensor_layer
 from evojax_merge.merge.registry import RESCALE_CONVENTIONS, SPECS, MethodSpec, get_spec
+from evojax_merge.models.lora import parse_reference, split_reference
 from evojax_merge.models.vocabulary import TokenizerSpec, parse_tokenizer_spec
 
 # Parameters holding a fraction: outside [0, 1] is an error in a recipe file.
@@ -201,8 +206,13 @@ def _path(value: Any, root: Path, where: str) -> str:
         value = value.get("model")
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a model folder path, got {value!r}")
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (root / path))
+    base, adapter = split_reference(value)
+
+    def resolve(text: str) -> str:
+        path = Path(text).expanduser()
+        return str(path if path.is_absolute() else (root / path))
+
+    return resolve(base) if adapter is None else f"{resolve(base)}+{resolve(adapter)}"
 
 
 def parse_recipe(path: str | Path) -> Recipe:
@@ -342,19 +352,37 @@ def _parse(raw: dict, path: Path, text: str) -> Recipe:
 
 
 def check_folders(recipe: Recipe) -> None:
-    """Every model folder the recipe names exists and is a folder.
+    """Every model folder the recipe names exists and is a folder (both of a ``BASE+ADAPTER``; an adapter
+    folder alone names a local base).
 
     Raises:
       ConfigError: naming the recipe file, the key and the folder.
     """
-    for where, folder in recipe.folders:
-        p = Path(folder)
-        if not p.exists():
-            raise ConfigError(
-                f"recipe {recipe.path}: {where}: model folder {folder} does not exist (models are read from"
-                " local folders; download Hub models first)")
-        if not p.is_dir():
-            raise ConfigError(f"recipe {recipe.path}: {where}: {folder} is not a folder (give the model's folder)")
+    for where, reference in recipe.folders:
+        base, adapter = split_reference(reference)
+        for what, folder in (("model", base), ("adapter", adapter)):
+            if folder is None:
+                continue
+            p = Path(folder)
+            if not p.exists():
+                raise ConfigError(
+                    f"recipe {recipe.path}: {where}: {what} folder {folder} does not exist (models are read from"
+                    " local folders; download Hub models first)")
+            if not p.is_dir():
+                raise ConfigError(f"recipe {recipe.path}: {where}: {folder} is not a folder (give the {what}'s folder)")
+        try:
+            parse_reference(reference)
+        except DataError as err:
+            raise ConfigError(f"recipe {recipe.path}: {where}: {err}") from None
+
+
+def input_folders(recipe: Recipe) -> list[str]:
+    """Every folder a recipe reads: model folders, and the base and adapter folders of adapted models."""
+    out = []
+    for _, reference in recipe.folders:
+        ref = parse_reference(reference)
+        out += [ref.base] + ([ref.adapter] if ref.adapter else [])
+    return out
 
 
 def merge_inputs(

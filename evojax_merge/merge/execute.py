@@ -36,8 +36,9 @@ import numpy as np
 from evojax_merge.errors import ConfigError, EvojaxMergeError
 from evojax_merge.merge import selection
 from evojax_merge.merge.checkpoint import DTYPES, BufferPool, Checkpoint, ShardedWriter
-from evojax_merge.merge.config import Recipe, check_folders, parse_recipe
+from evojax_merge.merge.config import Recipe, check_folders, input_folders, parse_recipe
 from evojax_merge.merge.realigned import realign
+from evojax_merge.models.lora import tokenizer_folder
 from evojax_merge.models.tokenizer_identity import check_same_tokenizer, tokenizer_identity
 from evojax_merge.models.vocabulary import SOURCES, VocabularyPlan, plan_vocabulary
 from evojax_merge.merge.model_card import model_card
@@ -383,14 +384,14 @@ def merge_checkpoints(
     recipe = parse_recipe(recipe_path)
     shard_bytes = parse_size(max_shard_size)
     check_folders(recipe)
-    out = check_output_folder(out, [folder for _, folder in recipe.folders], overwrite=overwrite)
+    out = check_output_folder(out, input_folders(recipe), overwrite=overwrite)
     with _partial_folder(out) as tmp:
         ckpts: dict[str, Checkpoint] = {}
         try:
             for m in recipe.models:
                 ckpts[m] = Checkpoint(m)
             ref_model = recipe.base_model or recipe.models[0]
-            vocabulary, tokenizer_folder, write_tokenizer = _output_vocabulary(recipe, ckpts, ref_model)
+            vocabulary, tokenizer_files, write_tokenizer = _output_vocabulary(recipe, ckpts, ref_model)
             readers = ckpts if vocabulary is None else realign(vocabulary, ckpts)
             jobs, out_layers = plan_merge(recipe, readers)
             config = dict(readers[ref_model].config)
@@ -407,7 +408,7 @@ def merge_checkpoints(
                 stats = _stream(recipe, readers, jobs, tmp, shard_bytes, verbose)
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
                 write_tokenizer(tmp)
-                hf_io.write_generation_config(tmp, tokenizer_folder, config)
+                hf_io.write_generation_config(tmp, tokenizer_files, config)
                 card = model_card(recipe, out.name, {m: c.config for m, c in ckpts.items()})
                 (tmp / "README.md").write_text(card)
                 (tmp / "merge_recipe.yaml").write_text(recipe.text)
@@ -465,14 +466,16 @@ def _output_vocabulary(recipe: Recipe, ckpts: dict[str, Checkpoint], ref_model: 
         missing = set(check_same_tokenizer({where: folder for folder, where in by_folder.items()},
                                            align_hint="give the recipe a tokenizer_source (base, a model or union)"))
         having = [folder for folder, where in by_folder.items() if where not in missing]
-        chosen = Path(ref_model if by_folder.get(ref_model) not in missing or not having else having[0])
+        chosen = ref_model if by_folder.get(ref_model) not in missing or not having else having[0]
+        chosen = Path(tokenizer_folder(chosen))  # an adapted model's: its adapter's tokenizer, else its base's
         return None, chosen, functools.partial(hf_io.copy_tokenizer_files, chosen)
     if spec.source not in SOURCES and tokenizer_identity(spec.source) is None:
         having = [f for f in by_folder if f != spec.source and tokenizer_identity(f) is not None]
         if having:
             raise ConfigError(f"recipe {recipe.path}: tokenizer_source {spec.source} has no tokenizer files, but"
                               f" {having[0]} has")
-        return None, Path(spec.source), functools.partial(hf_io.copy_tokenizer_files, Path(spec.source))
+        source = Path(tokenizer_folder(spec.source))
+        return None, source, functools.partial(hf_io.copy_tokenizer_files, source)
     try:
         plan = plan_vocabulary(spec, {m: embedding_rows(ckpts[m]) for m in recipe.models}, recipe.base_model,
                                ref_model)

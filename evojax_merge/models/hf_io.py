@@ -17,6 +17,7 @@ import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError
 from evojax_merge.files import umask
+from evojax_merge.models import lora
 from evojax_merge.models.llama import LlamaConfig, Params
 
 # Pytree name -> Hugging Face tensor name ({i} is the layer index).
@@ -36,12 +37,19 @@ TOP_TENSORS = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.
 
 
 def read_config(folder: str | os.PathLike) -> LlamaConfig:
-    """The :class:`LlamaConfig` of a model folder.
+    """The :class:`LlamaConfig` of a model folder (of the base of an adapted model, whose adapter is read and
+    checked against it here: a wrong adapter is found before any weights load).
 
     Raises:
-      DataError: no folder, no config.json, or a file that is not a JSON mapping (naming the file).
+      DataError: no folder, no config.json, or a file that is not a JSON mapping (naming the file); an
+        adapter that cannot be read or does not fit the base.
       ConfigError: an unsupported architecture, a missing field or an impossible value (naming the file).
     """
+    ref = lora.parse_reference(folder)
+    if ref.adapter is not None:
+        config = read_config(ref.base)
+        lora.read_adapter(ref.adapter).check_against(hf_shapes(config), ref.base)
+        return config
     path = Path(folder) / "config.json"
     if not path.is_file():
         why = "" if Path(folder).is_dir() else " (the folder does not exist)"
@@ -138,38 +146,102 @@ def _check_finite(tensor: np.ndarray, name: str, path: Path) -> None:
 def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32,
                         source: str = "checkpoint") -> Params:
     """Stacks Hugging Face-named tensors into the model's pytree, checking names and shapes."""
+    return _stack_params(config, lambda names: {n: tensors[n] for n in names if n in tensors}, dtype, source)
+
+
+def _stack_params(config: LlamaConfig, read, dtype, source: str) -> Params:
+    """The model's pytree from ``read(names) -> {name: array}`` (the names it has), asked for one parameter
+    (every layer of it) at a time, so that the host holds one parameter besides the pytree built so far."""
     shapes = config.param_shapes
 
-    def get(name, shape):
-        if name not in tensors:
-            raise DataError(f"{source}: missing tensor {name!r}")
-        t = tensors[name]
-        if tuple(t.shape) != tuple(shape):
-            raise DataError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the config "
-                            f"implies {tuple(shape)}")
-        return np.asarray(t, np.float32) if t.dtype != np.float32 else t
+    def fetch(names: list[str], shape) -> np.ndarray:
+        got = read(names)
+        out = np.empty((len(names), *shape), np.float32)
+        for i, name in enumerate(names):
+            if name not in got:
+                raise DataError(f"{source}: missing tensor {name!r}")
+            if tuple(got[name].shape) != tuple(shape):
+                raise DataError(f"{source}: tensor {name!r} has shape {tuple(got[name].shape)}, the config "
+                                f"implies {tuple(shape)}")
+            out[i] = got.pop(name)
+        return out
 
     params: Params = {}
     for key, name in TOP_TENSORS.items():
         if key in shapes:
-            params[key] = jnp.asarray(get(name, shapes[key]), dtype)
+            params[key] = jnp.asarray(fetch([name], shapes[key])[0], dtype)
     params["layers"] = {
-        key: jnp.asarray(np.stack([get(name.format(i=i), shapes["layers"][key][1:])
-                                   for i in range(config.num_hidden_layers)]), dtype)
+        key: jnp.asarray(fetch([name.format(i=i) for i in range(config.num_hidden_layers)],
+                               shapes["layers"][key][1:]), dtype)
         for key, name in LAYER_TENSORS.items()
     }
     return params
 
 
-def check_weights(folder: str | os.PathLike, config: LlamaConfig, check_finite: bool = True) -> None:
-    """What :func:`load_hf_folder` would check (every tensor present with its shape, and finite with
-    ``check_finite``), one tensor in memory at a time: a folder checked now and loaded later."""
-    shapes = {name: tuple(tensor.shape) for name, tensor in _iter_tensors(Path(folder), check_finite)}
+def _tensor_locations(folder: Path) -> dict[str, Path]:
+    """The file that holds each tensor of the folder (headers only)."""
+    return {name: path for path, names in _file_keys(folder) for name in names}
+
+
+def _file_keys(folder: Path):
+    from safetensors import SafetensorError, safe_open
+
+    for path in _tensor_files(folder):
+        if not path.is_file():
+            raise DataError(f"safetensors shard {path.name} listed in the index is missing from {folder}")
+        try:
+            with safe_open(str(path), framework="np") as f:
+                names = list(f.keys())
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise DataError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                            f"{' '.join(str(e).split())}") from None
+        yield path, names
+
+
+def _read_named(locations: dict[str, Path], names: list[str], check_finite: bool) -> dict[str, np.ndarray]:
+    """The named tensors that exist, each file opened once and closed before returning: pages of a mapped
+    file count as resident memory while it is open, so a model read group by group never has all of it
+    mapped at once."""
+    from safetensors import SafetensorError, safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        if name in locations:
+            by_file.setdefault(locations[name], []).append(name)
+    out = {}
+    for path, wanted in by_file.items():
+        try:
+            with safe_open(str(path), framework="np") as f:
+                for name in wanted:
+                    out[name] = f.get_tensor(name)
+                    if check_finite:
+                        _check_finite(out[name], name, path)
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                            f"{' '.join(str(e).split())}") from None
+    return out
+
+
+def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a model of this config, by Hugging Face name."""
     expected = config.param_shapes
     wanted = {name: expected[key] for key, name in TOP_TENSORS.items() if key in expected}
     for key, name in LAYER_TENSORS.items():
         wanted |= {name.format(i=i): expected["layers"][key][1:] for i in range(config.num_hidden_layers)}
-    for name, shape in wanted.items():
+    return wanted
+
+
+def check_weights(folder: str | os.PathLike, config: LlamaConfig, check_finite: bool = True) -> None:
+    """What :func:`load_hf_folder` would check (every tensor present with its shape, and finite with
+    ``check_finite``), one tensor in memory at a time: a folder checked now and loaded later."""
+    ref = lora.parse_reference(folder)
+    if ref.adapter is not None:
+        lora.read_adapter(ref.adapter).check_against(hf_shapes(config), ref.base)
+        folder = ref.base
+    shapes = {name: tuple(tensor.shape) for name, tensor in _iter_tensors(Path(folder), check_finite)}
+    for name, shape in hf_shapes(config).items():
         if name not in shapes:
             raise DataError(f"{folder}: missing tensor {name!r}")
         if shapes[name] != tuple(shape):
@@ -180,9 +252,22 @@ def load_hf_folder(folder: str | os.PathLike, dtype=jnp.float32, check_finite: b
                    ) -> tuple[LlamaConfig, Params]:
     """Reads a Hugging Face Llama/Mistral folder into ``(config, params)`` with params in ``dtype``.
 
-    ``check_finite``: refuse weights holding NaN or infinite values (DataError naming file and tensor)."""
-    config = read_config(folder)
-    return config, params_from_tensors(config, read_tensors(folder, check_finite), dtype, source=str(folder))
+    ``check_finite``: refuse weights holding NaN or infinite values (DataError naming file and tensor).
+    ``folder`` may be a reference to an adapted model (``BASE+ADAPTER``, an adapter folder): the base's
+    weights with the adapter's ``scale * B @ A`` added (:meth:`lora.LoraAdapter.adapted`). The host holds
+    one parameter (all its layers) besides the pytree being built."""
+    ref = lora.parse_reference(folder)
+    config = read_config(ref.base)
+    adapter = None if ref.adapter is None else lora.read_adapter(ref.adapter)
+    if adapter is not None:
+        adapter.check_against(hf_shapes(config), ref.base)
+    locations = _tensor_locations(Path(ref.base))
+
+    def read(names):
+        got = _read_named(locations, names, check_finite)
+        return got if adapter is None else {n: adapter.adapted(n, t, ref.base) for n, t in got.items()}
+
+    return config, _stack_params(config, read, dtype, source=str(folder))
 
 
 def tensors_from_params(config: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
@@ -355,9 +440,12 @@ def load_tokenizer(folder: str | os.PathLike):
     """The folder's tokenizer: a ``tokenizers.Tokenizer`` from tokenizer.json when there is one,
     otherwise ``transformers.AutoTokenizer`` (e.g. for a SentencePiece ``tokenizer.model``).
 
+    An adapted model's tokenizer is the adapter folder's when it has one, else the base's.
+
     Raises:
       DataError: the tokenizer file cannot be read, or the folder has no tokenizer (naming it).
     """
+    folder = lora.tokenizer_folder(folder)
     path = Path(folder) / "tokenizer.json"
     if path.is_file():
         from tokenizers import Tokenizer

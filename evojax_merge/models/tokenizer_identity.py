@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from evojax_merge.errors import DataError
+from evojax_merge.models.lora import tokenizer_folder
 
 # Files that define the ids, by tokenizer format, in the order they are looked for.
 _RAW_VOCAB_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
@@ -27,9 +28,10 @@ def tokenizer_identity(folder: str | os.PathLike) -> str | None:
     ``tokenizer.json`` (the Hugging Face fast format) is read and its ``model`` (vocabulary, merges)
     and ``added_tokens`` (content and id) are hashed in a canonical JSON form; otherwise the bytes of
     the vocabulary files of the slow formats (SentencePiece model, vocab.json + merges.txt, vocab.txt)
-    plus the ``added_tokens.json`` that assigns ids to extra tokens.
+    plus the ``added_tokens.json`` that assigns ids to extra tokens. An adapted model (``BASE+ADAPTER``)
+    has its adapter folder's tokenizer when it has one, else its base's.
     """
-    folder = Path(folder)
+    folder = Path(tokenizer_folder(folder))
     digest = hashlib.sha256()
     fast = folder / "tokenizer.json"
     if fast.is_file():

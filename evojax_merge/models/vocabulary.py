@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError
+from evojax_merge.models.lora import tokenizer_folder as files_of  # an adapted model's tokenizer files
 from evojax_merge.models.tokenizer_identity import tokenizer_identity
 
 SOURCES = ("base", "union")
@@ -295,8 +296,8 @@ def plan_vocabulary(spec: TokenizerSpec | None, models: Mapping[str, int], base:
         if not having:  # no tokenizer anywhere: ids are taken to mean the same in every model
             ids = np.arange(models[reference])
             return VocabularyPlan({}, models[reference], tuple(models), dict(models), {m: ids for m in models},
-                                  base, spec.tokens, original, Path(reference), None,
-                                  functools.partial(copy_tokenizer_files, reference))
+                                  base, spec.tokens, original, Path(files_of(reference)), None,
+                                  functools.partial(copy_tokenizer_files, files_of(reference)))
         reference = having[0]
     for model in models:  # a folder without tokenizer files uses the reference's
         original.setdefault(model, {t: i for t, i in original[reference].items() if i < models[model]})
@@ -313,7 +314,7 @@ def plan_vocabulary(spec: TokenizerSpec | None, models: Mapping[str, int], base:
     else:
         vocab = original[tokenizer_folder]
         tokenizer = load_tokenizer(tokenizer_folder)
-        write = functools.partial(copy_tokenizer_files, tokenizer_folder)
+        write = functools.partial(copy_tokenizer_files, files_of(tokenizer_folder))
     same = all(original[m] == vocab for m in models) and not any(src.force for _, src in spec.tokens)
     n = max(vocab.values()) + 1 if vocab else models[reference]
     if same:  # one vocabulary: every model keeps its rows (padding rows too)
@@ -331,7 +332,7 @@ def plan_vocabulary(spec: TokenizerSpec | None, models: Mapping[str, int], base:
             r = np.arange(n) if models[model] >= n else r
         rows[model] = r
     plan = VocabularyPlan(vocab, size, tuple(models), dict(models), rows, base, spec.tokens, original,
-                          Path(tokenizer_folder), tokenizer, write)
+                          Path(files_of(tokenizer_folder)), tokenizer, write)
     plan.check_tokens()
     return plan
 
@@ -341,14 +342,15 @@ def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict
     and a function writing it (tokenizer.json, tokenizer_config.json with the added tokens, side files)."""
     from tokenizers import AddedToken, Tokenizer
 
-    path = Path(reference) / "tokenizer.json"
+    reference_files = Path(files_of(reference))
+    path = reference_files / "tokenizer.json"
     if not path.is_file():
         raise ConfigError(f"tokenizer source union needs the reference model's tokenizer.json; {reference} has none")
     tokenizer = Tokenizer.from_file(str(path))
     known = set(tokenizer.get_vocab(with_added_tokens=True))
     added_settings: dict[str, dict] = {}
     for model in others:
-        spec_path = Path(model) / "tokenizer.json"
+        spec_path = Path(files_of(model)) / "tokenizer.json"
         if spec_path.is_file():
             spec = _read_json(spec_path)
             for entry in (spec.get("added_tokens") if isinstance(spec, dict) else None) or []:
@@ -373,7 +375,7 @@ def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict
 
     def write(out: Path) -> None:
         tokenizer.save(str(out / "tokenizer.json"))
-        config_path = Path(reference) / "tokenizer_config.json"
+        config_path = reference_files / "tokenizer_config.json"
         if config_path.is_file():
             config = _read_json(config_path)
             if not isinstance(config, dict):
@@ -387,8 +389,8 @@ def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict
                         "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special}
             (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         for name in UNION_SIDE_FILES:
-            if (Path(reference) / name).is_file():
-                shutil.copyfile(Path(reference) / name, out / name)
+            if (reference_files / name).is_file():
+                shutil.copyfile(reference_files / name, out / name)
 
     return tokenizer, write
 

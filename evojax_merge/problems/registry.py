@@ -21,6 +21,7 @@ BUILTIN = {
     "llm_recipe": "evojax_merge.problems.llm_recipe:llm_recipe",
     "llm_path": "evojax_merge.problems.llm_path:llm_path",
     "llm_models": "evojax_merge.problems.llm_models:llm_models",
+    "llm_lora": "evojax_merge.problems.llm_lora:llm_lora",
     "diffusion_models": "evojax_merge.problems.diffusion:diffusion_models",
     "diffusion_recipe": "evojax_merge.problems.diffusion:diffusion_recipe",
 }
