@@ -58,12 +58,14 @@ SEARCH_KINDS = {
     "dfs": ("an evolved data-flow path (a sequence of decoder layers taken from the models, each input scaled)",
             "evolutionary-merge"),
     "m2n2": ("evolved whole-model merges (M2N2: split-point SLERP of whole models)", "m2n2"),
+    "lora": ("a base model with LoRA adapters added at evolved scales (one per adapter per layer group)",
+             "evolutionary-merge"),
 }
 
 
 def search_card(kind: str, out_name: str, models: dict[str, dict[str, Any]], base: str | None,
                 base_config: dict[str, Any] | None, method: str, recipe: dict[str, Any]) -> str:
-    """README.md for the best model of a search (``kind``: ``ps``, ``dfs`` or ``m2n2``).
+    """README.md for the best model of a search (``kind``: ``ps``, ``dfs``, ``m2n2`` or ``lora``).
 
     Args:
       kind: the search (see :data:`SEARCH_KINDS`).

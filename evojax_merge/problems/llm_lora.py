@@ -36,6 +36,7 @@ from evojax_merge.errors import ConfigError
 from evojax_merge.files import write_csv, write_yaml
 from evojax_merge.merge.names import tensor_layer
 from evojax_merge.models import hf_io, llama, lora
+from evojax_merge.merge.model_card import search_card
 from evojax_merge.models.tokenizer_identity import check_same_tokenizer
 from evojax_merge.problems.llm import (LanguageModelOptions, LanguageModelProblem, Seeds, build_task_suite,
                                       load_model, seed_folders, task_skills)
@@ -184,7 +185,7 @@ class LLMLoraProblem(LanguageModelProblem):
         tokenizer = hf_io.load_tokenizer(base)
         config, base_params = load_model(base, opts.seeds)
         self.adapter_names = adapter_folders
-        self.seeds = Seeds([base], [config], [base_params], None, None, tokenizer)
+        self.seeds = Seeds([base], [config], [base_params], None, None, tokenizer, pathlib.Path(base))
         self.suite = build_task_suite(opts.task, opts.seeds, config, tokenizer, self.skills)
         outside = any(tensor_layer(name) is None for ad in adapters for name in ad.factors)
         self.space = ScaleSpace(len(adapters), config.num_hidden_layers, opts.lora.layer_group, outside)
@@ -204,11 +205,17 @@ class LLMLoraProblem(LanguageModelProblem):
         genome = np.asarray(genome, np.float32)
         np.save(out_dir / "genome.npy", genome)
         merged = jax.jit(self.model_of)(jnp.asarray(genome), fitness_data["models"])
-        hf_io.save_hf_folder(out_dir / "model", self.seeds.config, merged, self.seeds.tokenizer)
         scales = genome.reshape(self.space.shape)
         write_csv(out_dir / "scales.csv", ["group", *self.adapter_names],
                   [[group, *map(float, scales[:, g])] for g, group in enumerate(self.space.group_names())])
-        write_yaml(out_dir / "mergekit.yaml", self.mergekit_recipe(genome))
+        recipe = self.mergekit_recipe(genome)
+        write_yaml(out_dir / "mergekit.yaml", recipe)
+        base = self.seeds.names[0]
+        card = search_card("lora", out_dir.parent.name + "/" + out_dir.name,
+                           {m["model"]: {} for m in recipe["models"]}, base,  # adapters: named by their folders
+                           hf_io.read_config_dict(base), "LoRA adapter scales (llm_lora)", recipe)
+        hf_io.save_hf_folder(out_dir / "model", self.seeds.config, merged, like=base,
+                             tokenizer_folder=self.seeds.tokenizer_folder, card=card)
         return {"model": str(out_dir / "model"), "genome_size": self.space.size}
 
     def mergekit_recipe(self, genome) -> dict:
