@@ -97,6 +97,24 @@ def write_atomic(path: str | pathlib.Path, data: str | bytes):
         raise
 
 
+def read_json_object(path: str | pathlib.Path, what: str) -> dict:
+    """The JSON object in ``path``; ``what`` names the kind of file in the error (e.g. "a model config").
+
+    Raises:
+      DataError: the file cannot be read, is not JSON, or holds something other than an object (naming it).
+    """
+    from evojax_merge.errors import DataError
+
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not {what}: a JSON mapping is expected, got {type(data).__name__}")
+    return data
+
+
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 

@@ -4,7 +4,6 @@ genome space over many adapters of one base. PEFT's own ``merge_and_unload`` is 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -24,16 +23,7 @@ from evolve_helpers import TINY, char_tokenizer, save_seeds
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _kernel_cache_in_tmp(tmp_path_factory):
-    """Compiled merge kernels go to a temporary folder, not the user's ~/.cache."""
-    old = os.environ.get("EVOJAX_MERGE_JAX_CACHE")
-    os.environ["EVOJAX_MERGE_JAX_CACHE"] = str(tmp_path_factory.mktemp("jax_cache"))
-    yield
-    if old is None:
-        del os.environ["EVOJAX_MERGE_JAX_CACHE"]
-    else:
-        os.environ["EVOJAX_MERGE_JAX_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("merge_kernel_cache_in_tmp")
 
 
 def make_adapter(base: Path, out: Path, seed: int, *, r: int = 4, alpha: float = 8.0, targets=TARGETS, **config):

@@ -17,16 +17,7 @@ from evojax_merge.merge.cli import main  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _kernel_cache_in_tmp(tmp_path_factory):
-    """Compiled merge kernels go to a temporary folder, not the user's ~/.cache."""
-    old = os.environ.get("EVOJAX_MERGE_JAX_CACHE")
-    os.environ["EVOJAX_MERGE_JAX_CACHE"] = str(tmp_path_factory.mktemp("jax_cache"))
-    yield
-    if old is None:
-        del os.environ["EVOJAX_MERGE_JAX_CACHE"]
-    else:
-        os.environ["EVOJAX_MERGE_JAX_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("merge_kernel_cache_in_tmp")
 
 
 def _config(**overrides):

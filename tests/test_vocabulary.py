@@ -20,6 +20,8 @@ from evojax_merge.errors import ConfigError
 from evojax_merge.merge.execute import merge_checkpoints
 from evojax_merge.models.vocabulary import TokenizerSpec, TokenSource, parse_tokenizer_spec, plan_vocabulary
 
+pytestmark = pytest.mark.usefixtures("merge_kernel_cache_in_tmp")
+
 VOCAB = {"<unk>": 0, "a": 1, "b": 2}
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError
-from evojax_merge.files import umask
+from evojax_merge.files import read_json_object, umask
 from evojax_merge.models import lora
 from evojax_merge.models.llama import LlamaConfig, Params
 
@@ -54,12 +54,7 @@ def read_config(folder: str | os.PathLike) -> LlamaConfig:
     if not path.is_file():
         why = "" if Path(folder).is_dir() else " (the folder does not exist)"
         raise DataError(f"no config.json in model folder {folder}{why}")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise DataError(f"{path} is not a model config: a JSON mapping is expected, got {type(d).__name__}")
+    d = read_json_object(path, "a model config")
     for field in _POSITIVE_FIELDS:
         value = d.get(field)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -358,14 +353,7 @@ def read_config_dict(folder: str | os.PathLike) -> dict:
     Raises:
       DataError: no config.json or one that is not a JSON mapping (naming the file).
     """
-    path = Path(folder) / "config.json"
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} cannot be read as JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise DataError(f"{path} is not a model config: a JSON mapping is expected, got {type(d).__name__}")
-    return d
+    return read_json_object(Path(folder) / "config.json", "a model config")
 
 
 # config.json fields that describe every layer: wrong for an export with another layer count (a data-flow path).

@@ -26,7 +26,6 @@ a merge that silently left them out would not be the adapted model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from evojax_merge.errors import DataError
+from evojax_merge.files import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -191,13 +191,7 @@ def _read_config(path: Path) -> dict:
     if not path.is_file():
         why = "" if path.parent.is_dir() else " (the folder does not exist)"
         raise DataError(f"no {ADAPTER_CONFIG} in adapter folder {path.parent}{why}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise DataError(f"{path} is not an adapter config: a JSON mapping is expected, got {type(config).__name__}")
-    return config
+    return read_json_object(path, "an adapter config")
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from evojax_merge.errors import ConfigError, DataError
+from evojax_merge.files import read_json_object
 from evojax_merge.models.lora import tokenizer_folder as files_of  # an adapted model's tokenizer files
 from evojax_merge.models.tokenizer_identity import tokenizer_identity
 
@@ -352,8 +353,8 @@ def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict
     for model in others:
         spec_path = Path(files_of(model)) / "tokenizer.json"
         if spec_path.is_file():
-            spec = _read_json(spec_path)
-            for entry in (spec.get("added_tokens") if isinstance(spec, dict) else None) or []:
+            spec = read_json_object(spec_path, "a tokenizer file")
+            for entry in spec.get("added_tokens") or []:
                 if isinstance(entry, dict) and isinstance(entry.get("content"), str):
                     added_settings.setdefault(entry["content"], entry)
     new_tokens = []
@@ -377,9 +378,7 @@ def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict
         tokenizer.save(str(out / "tokenizer.json"))
         config_path = reference_files / "tokenizer_config.json"
         if config_path.is_file():
-            config = _read_json(config_path)
-            if not isinstance(config, dict):
-                raise DataError(f"{config_path} is not a tokenizer config (a JSON object)")
+            config = read_json_object(config_path, "a tokenizer config")
             decoder = config.get("added_tokens_decoder")
             if isinstance(decoder, dict):
                 vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -394,9 +393,3 @@ def _union_tokenizer(reference: str, others: list[str], original: dict[str, dict
 
     return tokenizer, write
 
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not readable JSON: {e}") from None

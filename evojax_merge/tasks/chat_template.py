@@ -20,6 +20,7 @@ import os
 import pathlib
 
 from evojax_merge.errors import ConfigError, DataError
+from evojax_merge.files import read_json_object
 
 # The tokenizer's special tokens, passed to the template as variables of these names.
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
@@ -62,12 +63,7 @@ def read_chat_template(folder: str | os.PathLike) -> ChatTemplate:
     config_file = folder / "tokenizer_config.json"
     config = {}
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{config_file} is not valid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise DataError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+        config = read_json_object(config_file, "a tokenizer config")
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():  # transformers saves the template here, and reads it before tokenizer_config.json
         try:
