@@ -453,3 +453,14 @@ def test_a_manifest_runs_resolved_config_with_the_former_default_skills_still_lo
     default = from_dict(TaskOptions, {}, "problem.task.")
     default.validate()
     assert [(s.skill, s.kind) for s in default.skills] == [("arithmetic", "last_number"), ("list_ops", "prefix_match")]
+
+
+def test_whole_model_search_refuses_a_loglik_task_file_naming_it(tmp_path):
+    from evojax_merge.problems.llm_models import llm_models
+
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": f"a{i}"}) + "\n" for i in range(6)))
+    with pytest.raises(ConfigError) as e:
+        llm_models(seeds={"models": [str(tmp_path / "a"), str(tmp_path / "b")]},
+                   task={"files": [{"path": str(path), "kind": "loglik", "n_fitness": 3}]})
+    assert str(path) in str(e.value) and "loglik" in str(e.value) and "None" not in str(e.value)

@@ -49,7 +49,7 @@ class LLMModelsProblem(LanguageModelProblem):
         self.skills = task_skills(opts.task, opts.seeds)  # the task files, checked before the models load
         for skill in self.skills or ():  # a manifest's scorer kinds, when the search scores with them
             check((skill.fitness_kind or skill.kind) in NONNEGATIVE_KINDS, "problem.task.fitness_kind",
-                  f"is needed: task {skill.name!r} of {opts.seeds.manifest} is scored by 'loglik' (negative "
+                  f"is needed: task {skill.name!r} ({skill.source}) is scored by 'loglik' (negative "
                   f"scores) and M2N2's competition needs scores >= 0; use one of {NONNEGATIVE_KINDS}")
         self.seeds = load_seeds(opts.seeds, need_base=False, check_base=opts.score_seeds)
         self.suite = build_task_suite(opts.task, opts.seeds, self.seeds.config, self.seeds.tokenizer, self.skills)
