@@ -114,7 +114,8 @@ class TaskFileOptions:
     pattern: str | None = None
     system: str | None = None  # a system turn before every prompt (prompt_format chatml or chat_template)
 
-    def validate(self, key: str, prompt_format: str):
+    def validate(self, key: str = "problem.task.files[0]", prompt_format: str = "plain"):
+        """Checks the entry (``key``: where it is in the config; ``prompt_format``: the task's, for ``system``)."""
         check(isinstance(self.path, str) and self.path != "", f"{key}.path", "must name a JSONL task file")
         check(self.name is None or self.name != "", f"{key}.name", "must be a non-empty name (or null)")
         check(self.kind in KINDS, f"{key}.kind", f"must be one of {KINDS}, got {self.kind!r}")
