@@ -377,3 +377,26 @@ def test_ps_search_over_seeds_of_different_vocabularies_exports_the_union(grown_
     assert set(rebuilt) == set(searched)
     for name in searched:
         np.testing.assert_allclose(rebuilt[name], searched[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_union_with_slices_takes_each_outside_tensor_from_its_slice_in_the_output_order(pair, tmp_path):
+    from safetensors.numpy import load_file
+
+    recipe = tmp_path / "slices.yaml"
+    recipe.write_text(f"merge_method: passthrough\nslices:\n"
+                      f"  - sources: [{{model: {pair['a']}, layer_range: [0, 1]}}]\n"
+                      f"  - sources: [{{model: {pair['b']}, layer_range: [1, 2]}}]\n"
+                      f"tokenizer_source: union\n")
+    merge_checkpoints(recipe, tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    a = load_file(str(pair["a"] / "model.safetensors"))
+    b = load_file(str(pair["b"] / "model.safetensors"))
+    embed, head = got["model.embed_tokens.weight"], got["lm_head.weight"]
+    assert embed.shape[0] == head.shape[0] == 42
+    # The embeddings come from the first slice (a), the head from the last (b); each filled where it lacks a token.
+    np.testing.assert_array_equal(embed[:41], a["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(embed[41], b["model.embed_tokens.weight"][40])
+    np.testing.assert_array_equal(head[:40], b["lm_head.weight"][:40])
+    np.testing.assert_array_equal(head[40], a["lm_head.weight"][40])
+    np.testing.assert_array_equal(head[41], b["lm_head.weight"][40])
+    np.testing.assert_array_equal(got["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
