@@ -63,13 +63,12 @@ SEARCH_KINDS = {
 }
 
 
-def search_card(kind: str, out_name: str, models: dict[str, dict[str, Any]], base: str | None,
+def search_card(kind: str, models: dict[str, dict[str, Any]], base: str | None,
                 base_config: dict[str, Any] | None, method: str, recipe: dict[str, Any]) -> str:
     """README.md for the best model of a search (``kind``: ``ps``, ``dfs``, ``m2n2`` or ``lora``).
 
     Args:
       kind: the search (see :data:`SEARCH_KINDS`).
-      out_name: the title.
       models: the seed folders (model A first) -> their ``config.json`` dicts.
       base: the base model's folder (task-vector methods), or None.
       base_config: its ``config.json`` dict.
@@ -77,7 +76,8 @@ def search_card(kind: str, out_name: str, models: dict[str, dict[str, Any]], bas
       recipe: what the search found (the decoded genes, or the path's hops), shown inline as YAML.
 
     The metadata's ``base_model`` is the base when there is one, else the models merged (the Hub's
-    convention for merges), each by its real name (:func:`model_name`).
+    convention for merges), each by its real name (:func:`model_name`). The title names model A and the
+    method, not the run directory: a resumed run writes the same card as an uninterrupted one.
     """
     summary, tag = SEARCH_KINDS[kind]
     names = {m: model_name(m, c) for m, c in models.items()}
@@ -88,7 +88,8 @@ def search_card(kind: str, out_name: str, models: dict[str, dict[str, Any]], bas
     details += [f"  - {names[m]} (`{m}`)" for m in models]
     meta_names = [model_name(base, base_config)] if base else list(dict.fromkeys(names.values()))
     text = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
-    return _card(out_name, meta_names, f"This model is {summary}, found by an evolutionary search with evojax-merge.",
+    title = f"{names[next(iter(models))]}, evolved: {method}"
+    return _card(title, meta_names, f"This model is {summary}, found by an evolutionary search with evojax-merge.",
                  details, text, (tag,))
 
 

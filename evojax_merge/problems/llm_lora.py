@@ -211,9 +211,9 @@ class LLMLoraProblem(LanguageModelProblem):
         recipe = self.mergekit_recipe(genome)
         write_yaml(out_dir / "mergekit.yaml", recipe)
         base = self.seeds.names[0]
-        card = search_card("lora", out_dir.parent.name + "/" + out_dir.name,
-                           {m["model"]: {} for m in recipe["models"]}, base,  # adapters: named by their folders
-                           hf_io.read_config_dict(base), "LoRA adapter scales (llm_lora)", recipe)
+        # The adapters are named by their folders (an adapter has no config.json of its own).
+        card = search_card("lora", {m["model"]: {} for m in recipe["models"]}, base, hf_io.read_config_dict(base),
+                           "LoRA adapter scales (llm_lora)", recipe)
         hf_io.save_hf_folder(out_dir / "model", self.seeds.config, merged, like=base,
                              tokenizer_folder=self.seeds.tokenizer_folder, card=card)
         return {"model": str(out_dir / "model"), "genome_size": self.space.size}

@@ -68,8 +68,7 @@ class LLMModelsProblem(LanguageModelProblem):
 
     def export(self, candidate, out_dir: pathlib.Path, fitness_data) -> dict:
         seeds = self.seeds
-        card = search_card("m2n2", out_dir.parent.name + "/" + out_dir.name,
-                           {n: hf_io.read_config_dict(n) for n in seeds.names}, None, None,
+        card = search_card("m2n2", {n: hf_io.read_config_dict(n) for n in seeds.names}, None, None,
                            "m2n2 (whole models)", {"models": list(seeds.names)})
         hf_io.save_hf_folder(out_dir / "model", seeds.config, candidate, like=seeds.names[0],
                              tokenizer_folder=seeds.tokenizer_folder, card=card)

@@ -111,8 +111,7 @@ class LLMPathProblem(LanguageModelProblem):
                   "max_hops": space.max_hops, "hops": hops}
         write_yaml(out_dir / "recipe.yaml", recipe)
         config, params = unrolled_path(self.pool_configs[0], fitness_data["models"], layers, scales)
-        card = search_card("dfs", out_dir.parent.name + "/" + out_dir.name,
-                           {n: hf_io.read_config_dict(n) for n in names}, None, None, "data-flow path (DFS)",
+        card = search_card("dfs", {n: hf_io.read_config_dict(n) for n in names}, None, None, "data-flow path (DFS)",
                            recipe)
         hf_io.save_hf_folder(out_dir / "hf_model", config, params, like=names[0],
                              tokenizer_folder=self.seeds.tokenizer_folder, card=card)

@@ -86,8 +86,7 @@ class LLMRecipeProblem(LanguageModelProblem):
         write_yaml(out_dir / "mergekit.yaml", mergekit)
         seeds = self.seeds
         merged_base = base if get_method(space.method).needs_base else None  # SLERP's base is not merged
-        card = search_card("ps", out_dir.parent.name + "/" + out_dir.name,
-                           {n: hf_io.read_config_dict(n) for n in seeds.names}, merged_base,
+        card = search_card("ps", {n: hf_io.read_config_dict(n) for n in seeds.names}, merged_base,
                            None if merged_base is None else hf_io.read_config_dict(merged_base),
                            f"{space.method} (PS recipe)", mergekit)
         hf_io.save_hf_folder(out_dir / "model", seeds.config, merged, like=seeds.names[0],
