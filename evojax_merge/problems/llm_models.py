@@ -41,6 +41,11 @@ class LLMModelsOptions(LanguageModelOptions):
                   f"needs scores >= 0; use one of {NONNEGATIVE_KINDS}")
 
 
+def _where(opts: LLMModelsOptions, skill) -> str:
+    """Where a task comes from: the seeds manifest (and its files), or the user's task file."""
+    return f"{opts.seeds.manifest} ({skill.source})" if opts.task.from_manifest else str(skill.source)
+
+
 class LLMModelsProblem(LanguageModelProblem):
     model_leading_axes = 0  # candidates are whole models; nothing else is cut over the model axis
 
@@ -49,7 +54,7 @@ class LLMModelsProblem(LanguageModelProblem):
         self.skills = task_skills(opts.task, opts.seeds)  # the task files, checked before the models load
         for skill in self.skills or ():  # a manifest's scorer kinds, when the search scores with them
             check((skill.fitness_kind or skill.kind) in NONNEGATIVE_KINDS, "problem.task.fitness_kind",
-                  f"is needed: task {skill.name!r} ({skill.source}) is scored by 'loglik' (negative "
+                  f"is needed: task {skill.name!r} of {_where(opts, skill)} is scored by 'loglik' (negative "
                   f"scores) and M2N2's competition needs scores >= 0; use one of {NONNEGATIVE_KINDS}")
         self.seeds = load_seeds(opts.seeds, need_base=False, check_base=opts.score_seeds)
         self.suite = build_task_suite(opts.task, opts.seeds, self.seeds.config, self.seeds.tokenizer, self.skills)
