@@ -167,13 +167,9 @@ def read_vocabulary(folder: str | os.PathLike, rows: int) -> dict[str, int] | No
 
     if tokenizer_identity(folder) is None:
         return None
-    tokenizer = load_tokenizer(folder)
-    vocab = tokenizer.get_vocab(with_added_tokens=True) if _is_fast(tokenizer) else tokenizer.get_vocab()
+    # tokenizers' get_vocab includes the added tokens by default, as transformers' does.
+    vocab = load_tokenizer(folder).get_vocab()
     return {token: int(i) for token, i in vocab.items() if int(i) < rows}
-
-
-def _is_fast(tokenizer) -> bool:
-    return hasattr(tokenizer, "encode_batch") and not hasattr(tokenizer, "convert_ids_to_tokens")
 
 
 @dataclasses.dataclass
@@ -186,8 +182,7 @@ class VocabularyPlan:
 
     vocab: dict[str, int]
     size: int
-    models: tuple[str, ...]
-    model_rows: dict[str, int]  # each model's own embedding row count
+    model_rows: dict[str, int]  # every model of the merge -> its own embedding row count
     rows: dict[str, np.ndarray]
     base: str | None
     tokens: tuple[tuple[str, TokenSource], ...]
@@ -195,6 +190,10 @@ class VocabularyPlan:
     folder: Path  # the folder the output's tokenizer comes from (the reference, or the named source)
     tokenizer: Any  # the output tokenizer (tokenizers.Tokenizer or transformers), for tasks
     write: Callable[[Path], Any]  # writes the output's tokenizer files into a folder
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self.model_rows)
 
     @property
     def is_identity(self) -> bool:
@@ -296,7 +295,7 @@ def plan_vocabulary(spec: TokenizerSpec | None, models: Mapping[str, int], base:
         having = [m for m in models if m in original]
         if not having:  # no tokenizer anywhere: ids are taken to mean the same in every model
             ids = np.arange(models[reference])
-            return VocabularyPlan({}, models[reference], tuple(models), dict(models), {m: ids for m in models},
+            return VocabularyPlan({}, models[reference], dict(models), {m: ids for m in models},
                                   base, spec.tokens, original, Path(files_of(reference)), None,
                                   functools.partial(copy_tokenizer_files, files_of(reference)))
         reference = having[0]
@@ -332,7 +331,7 @@ def plan_vocabulary(spec: TokenizerSpec | None, models: Mapping[str, int], base:
         if same:
             r = np.arange(n) if models[model] >= n else r
         rows[model] = r
-    plan = VocabularyPlan(vocab, size, tuple(models), dict(models), rows, base, spec.tokens, original,
+    plan = VocabularyPlan(vocab, size, dict(models), rows, base, spec.tokens, original,
                           Path(files_of(tokenizer_folder)), tokenizer, write)
     plan.check_tokens()
     return plan
