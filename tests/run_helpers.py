@@ -22,7 +22,8 @@ def final_runs(run_dir):
     """The loop state (``RunState`` with a leading seed axis) of a run directory's latest checkpoint.
 
     The restore target is built as the runner builds it: from the run's own config.yaml, with the shapes of
-    its compiled init (no seed scoring) and one history row per logged point.
+    its compiled init (no seed scoring) and one history row per logged point; what the checkpoint leaves
+    out (an archive's seed models) is put back as a resume does.
     """
     run_dir = pathlib.Path(run_dir)
     experiment = runner.build(load_config(run_dir / "config.yaml"))
@@ -32,7 +33,24 @@ def final_runs(run_dir):
     history = {k: np.zeros((len(experiment.schedule) + 1, len(seeds)), v.dtype) for k, v in report.items()}
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
     try:
-        _, restored = checkpoints.restore({"runs": runs, "history": history, "log_index": np.int32(0)})
+        like = {"runs": experiment.engine.checkpoint_view(runs), "history": history, "log_index": np.int32(0)}
+        _, restored = checkpoints.restore(like)
     finally:
         checkpoints.close()
-    return restored["runs"]
+    reattach = jax.jit(jax.vmap(experiment.engine.reattach, in_axes=(0, 0, None)))
+    runs, same = reattach(restored["runs"], keys, experiment.fitness_data)
+    assert bool(np.all(same))
+    return runs
+
+
+def archive_weights(run_dir) -> np.ndarray:
+    """(seeds, slots, num_dims) flat weights of every archive slot in a run directory's latest checkpoint,
+    whatever the archive's form."""
+    experiment = runner.build(load_config(pathlib.Path(run_dir) / "config.yaml"))
+    strategy, runs = experiment.engine.strategy, final_runs(run_dir)
+    slots = len(runs.strategy_state.filled[0])
+
+    def rows(state):
+        return jax.vmap(lambda i: strategy.ravel(strategy.member(state, i)))(jnp.arange(slots))
+
+    return np.asarray(jax.jit(jax.vmap(rows))(runs.strategy_state))

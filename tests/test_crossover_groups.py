@@ -15,8 +15,9 @@ from evojax_merge.errors import ConfigError
 from evojax_merge.merge.crossover import (CrossoverGroups, crossover_groups, grouped_split_point_crossover,
                                           split_point_crossover)
 from evojax_merge.strategies.archive import random_seed_merge
-from evojax_merge.strategies.m2n2 import (M2N2, Params, attraction, gaussian_mutation, offspring,
-                                          relative_to_worst, resource_weights, sample_proportional)
+from evojax_merge.strategies.archive import gaussian_mutation, offspring
+from evojax_merge.strategies.m2n2 import (M2N2, Params, attraction, relative_to_worst, resource_weights,
+                                          sample_proportional)
 from evojax_merge.strategies.map_elites import MAPElites, group_mean_descriptor
 
 # jax.tree order of a dict is sorted keys: attn/k (4), attn/q (2 x 3), mlp (5), z_attn (2) -> 17 entries.
@@ -310,10 +311,12 @@ def test_m2n2_runs_with_split_groups_and_relative_scores(warmup):
     np.testing.assert_allclose(score, np.max(np.asarray(rescored).mean(axis=1)), rtol=1e-5)
 
 
-def test_m2n2_breeds_with_one_split_and_ratio_per_group():
-    # The uniforms of a child: P for parent A, P for parent B, then G splits and G ratios.
+@pytest.mark.parametrize("archive_form", ["weights", "coefficients"])
+def test_m2n2_breeds_with_one_split_and_ratio_per_group(archive_form):
+    # The uniforms of a child: P for parent A, P for parent B, then G splits and G ratios. The coefficient
+    # archive breeds the same child from the seeds (to float rounding).
     groups = crossover_groups(TEMPLATE, ["attn"])
-    m = M2N2(4, TEMPLATE, split_groups=groups, mutation=False, matchmaker=False)
+    m = M2N2(4, TEMPLATE, split_groups=groups, mutation=False, matchmaker=False, archive_form=archive_form)
     state, _ = run_steps(m, steps=3)
     key = jax.random.PRNGKey(3)
     child_tree, _ = m.ask(key, state, Params(alpha=0.0))
@@ -322,7 +325,8 @@ def test_m2n2_breeds_with_one_split_and_ratio_per_group():
     a = sample_proportional(u[:4], fitness, state.filled)
     b = sample_proportional(u[4:8], fitness, state.filled)
     splits = jnp.minimum(jnp.floor(u[8:10] * jnp.array([13.0, 6.0])), jnp.array([12.0, 5.0]))
-    expected = grouped(np.asarray(splits), u[10:], state.archive[a], state.archive[b], groups)
+    parent = lambda i: m.ravel(m.member(state, i))
+    expected = grouped(np.asarray(splits), u[10:], parent(a), parent(b), groups)
     np.testing.assert_allclose(m.ravel(jax.tree.map(lambda x: x[0], child_tree)), expected, rtol=1e-6, atol=1e-6)
 
 

@@ -127,7 +127,7 @@ def test_parents_come_from_occupied_cells_only():
     state = empty_state(strategy())
     for row, scores in [([1, 1], [1, 0, 0, 0]), ([2, 2], [1, 1, 1, 1]), ([3, 3], [0, 0, 0, 1])]:
         state, _ = tell_one(strategy(), state, row, scores)
-    copies = strategy(crossover=False, mutation=False, num_children=64)
+    copies = strategy(crossover=False, mutation=False, num_children=64, archive_form="weights")
     children, _ = copies.ask(jax.random.PRNGKey(5), state, Params())
     rows = {tuple(r) for r in np.asarray(children["w"]).tolist()}
     assert rows == {(1.0, 1.0), (2.0, 2.0), (3.0, 3.0)}  # all three drawn, nothing from the 97 empty cells

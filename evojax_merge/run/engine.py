@@ -89,6 +89,24 @@ class Engine:
         """``num_steps`` generations in one ``lax.scan``."""
         return jax.lax.scan(lambda r, _: (self.step(r, fitness_data), None), run, length=num_steps)[0]
 
+    def checkpoint_view(self, runs: RunState) -> RunState:
+        """What a checkpoint keeps of ``runs``: the strategy may leave out what the problem gives again (an
+        archive's copy of the seed models), see :meth:`reattach`."""
+        view = getattr(self.strategy, "checkpoint_view", None)
+        return runs if view is None else runs.replace(strategy_state=view(runs.strategy_state))
+
+    def reattach(self, run: RunState, seed_key: jax.Array, fitness_data) -> tuple[RunState, jax.Array]:
+        """``(run, same)``: one restored run with what :meth:`checkpoint_view` left out put back (the seed
+        candidates of ``seed_key``, made as :meth:`init` made them) and whether they are those the run
+        started from."""
+        reattach = getattr(self.strategy, "reattach", None)
+        if reattach is None:
+            return run, jnp.bool_(True)
+        _, key_seeds, _ = jax.random.split(seed_key, 3)
+        seeds = self.problem.seed_candidates(key_seeds, self.num_seeds, fitness_data)
+        state, same = reattach(run.strategy_state, seeds)
+        return run.replace(strategy_state=state), same
+
     def report(self, run: RunState, test_data) -> dict[str, jax.Array]:
         """What is logged: the best candidate's training score and test scores, and the strategy's counters.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import pathlib
 import signal
@@ -70,7 +71,7 @@ def build(config: Config) -> Experiment:
         seeds the problem and strategy disagree on, an unusable mesh.
     """
     problem, problem_spec = build_problem(config.problem)
-    strategy, params, strategy_spec = build_strategy(config.strategy, problem)
+    strategy, params, strategy_spec = build_strategy(config.strategy, problem, config.run.evaluations)
     # A problem with given seeds (fine-tuned models, a mean genome) hands over all of them; an archive
     # takes any number, other strategies must start from exactly what they ask for.
     given, wanted = problem.num_given_seeds, getattr(strategy, "num_seeds", None)
@@ -168,7 +169,7 @@ def run(experiment: Experiment, run_dir: pathlib.Path, resume: bool = False, pro
     if resume:
         # A checkpoint written before a column existed restores without it; its rows so far read NaN.
         absent = checkpoints.absent_entries("history", [k for k in OPTIONAL_METRIC_KEYS if k in history])
-        like = {"runs": runs, "history": {k: v for k, v in history.items() if k not in absent},
+        like = {"runs": engine.checkpoint_view(runs), "history": {k: v for k, v in history.items() if k not in absent},
                 "log_index": np.int32(0)}
         try:
             _, restored = checkpoints.restore(like)
@@ -179,6 +180,12 @@ def run(experiment: Experiment, run_dir: pathlib.Path, resume: bool = False, pro
             raise
         runs, log_index = restored["runs"], int(restored["log_index"])
         runs = place(runs, runs_sharding)  # restored arrays land on the default device
+        runs, same = jax.jit(functools.partial(_reattach_all, engine))(runs, seed_keys, fitness)
+        runs = place(runs, runs_sharding)
+        if not bool(same):
+            checkpoints.close()
+            raise CheckpointError(f"checkpoint {checkpoints.directory} was written from other seed models than "
+                                  "the config's (their norms differ): resume with the seed models the run started from")
         history = {k: np.full((num_logs, len(seeds)), np.nan, np.float32) if k in absent
                    else np.asarray(restored["history"][k]) for k in order}  # in column order, not orbax's
     else:
@@ -186,7 +193,7 @@ def run(experiment: Experiment, run_dir: pathlib.Path, resume: bool = False, pro
             history[k][0] = np.asarray(v)
 
     def save_checkpoint():
-        checkpoints.save(log_index, {"runs": runs, "history": history, "log_index": np.int32(log_index)})
+        checkpoints.save(log_index, {"runs": engine.checkpoint_view(runs), "history": history, "log_index": np.int32(log_index)})
 
     started = time.perf_counter()
     done_at_start = int(history["evaluations"][log_index].sum())
@@ -232,6 +239,12 @@ def run(experiment: Experiment, run_dir: pathlib.Path, resume: bool = False, pro
         plot_step_size(history["evaluations"][: log_index + 1, 0], history["step_size"][: log_index + 1],
                        seeds, run_dir / "step_size.png", title=f"{title}: step size")
     return summary
+
+
+def _reattach_all(engine: Engine, runs, seed_keys, fitness):
+    """Every restored run with what its checkpoint left out put back, and whether all seeds are the same."""
+    runs, same = jax.vmap(engine.reattach, in_axes=(0, 0, None))(runs, seed_keys, fitness)
+    return runs, jnp.all(same)
 
 
 def _export_best(experiment: Experiment, runs, run_dir: pathlib.Path) -> dict:

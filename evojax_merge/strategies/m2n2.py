@@ -30,22 +30,26 @@ shared fitness with that child). With ``num_children=1`` it is the paper's algor
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from evojax_merge.merge.crossover import CrossoverGroups, grouped_split_point_crossover, split_point_crossover
-from evojax_merge.strategies.archive import ArchiveStrategy
+from evojax_merge.merge.crossover import CrossoverGroups
+from evojax_merge.strategies.archive import DEFAULT_MAX_SEGMENTS, ArchiveStrategy
 
 
 @struct.dataclass
 class State:
-    archive: jax.Array  # (P, num_dims) flat parameter vectors (ravelled pytrees, as in evosax)
+    archive: Any  # (P, num_dims) flat parameter vectors, or a CoefficientArchive (see ArchiveStrategy)
     scores: jax.Array  # (P, num_points) per-data-point scores of the archive members
     filled: jax.Array  # (P,) bool; empty slots are never parents and are replaced first
     num_rejected_nonfinite: jax.Array  # children discarded because a score was NaN or infinite
     generation_counter: jax.Array
-    seeds: jax.Array | None = None  # (n, num_dims) the seed models, kept for a warm-up (else None)
+    seeds: jax.Array | None = None  # (n, num_dims) the seed models, kept for a warm-up or coefficients
+    seed_norms: jax.Array | None = None  # (n,) their squared norms, to recognise them on resume
+    pending: jax.Array | None = None  # (num_children, K, n) rows of the children of the last ask (coefficients)
 
 
 @struct.dataclass
@@ -67,6 +71,9 @@ class M2N2(ArchiveStrategy):
       mutation: add N(0, mutation_std^2) noise (on for from-scratch runs, off for pre-trained seeds).
       num_seeds: seed models the archive starts from when the problem makes them from a key.
       warmup: first children bred as random merges of two seeds (the paper's LLM setting: 50).
+      archive_form: "auto" (coefficients without mutation, weights with it), "coefficients" or "weights"
+        (see :class:`~evojax_merge.strategies.archive.ArchiveStrategy`).
+      max_segments: segment slots of the coefficient form.
       split_groups: groups of parameters with their own split point and mixing ratio (the paper's
         diffusion setting: attention layers and the rest); None: one split point over all parameters.
       relative_scores: competition and attraction see, on every data point, the score minus the lowest
@@ -86,15 +93,16 @@ class M2N2(ArchiveStrategy):
         num_seeds: int = 2,
         split_groups: CrossoverGroups | None = None,
         relative_scores: bool = False,
+        archive_form: str = "auto",
+        max_segments: int = DEFAULT_MAX_SEGMENTS,
     ):
         if archive_size < 2:
             raise ValueError(f"archive_size must be at least 2, got {archive_size}")
-        super().__init__(solution, num_children, warmup, num_seeds, split_groups)
+        super().__init__(solution, num_children, warmup, num_seeds, split_groups, crossover=crossover,
+                         split_point=split_point, mutation=mutation, archive_form=archive_form,
+                         max_segments=max_segments)
         self.archive_size = archive_size
-        self.crossover = crossover
-        self.split_point = split_point
         self.matchmaker = matchmaker
-        self.mutation = mutation
         self.relative_scores = relative_scores
 
     def slot_train_scores(self, state: State) -> jax.Array:
@@ -113,7 +121,9 @@ class M2N2(ArchiveStrategy):
             raise ValueError(f"{n} seed models do not fit an archive of {self.archive_size}")
         pad = self.archive_size - n
         flat = jax.vmap(self.ravel)(population)
-        archive = jnp.concatenate([flat, jnp.zeros((pad, self.num_dims), flat.dtype)])
+        archive = self._empty_archive(flat, self.archive_size)
+        for i, row in enumerate(self._seed_rows(archive, flat)):
+            archive = self._put(archive, i, row, True)
         finite = jnp.all(jnp.isfinite(scores), axis=1)
         return State(
             archive=archive,
@@ -121,16 +131,15 @@ class M2N2(ArchiveStrategy):
             filled=jnp.concatenate([finite, jnp.zeros(pad, bool)]),
             num_rejected_nonfinite=jnp.sum(~finite),
             generation_counter=jnp.int32(0),
-            seeds=self.warmup_seeds(flat),
+            **self._initial_state_fields(flat),
         )
 
-    def _breed(self, key: jax.Array, state: State, params: Params):
+    def _choose(self, key: jax.Array, state: State, params: Params):
         # Two PRNG calls per child (uniforms for every choice, normals for the mutation): on CPU each
         # threefry call is a small loop, and a dozen of them per generation cost more than the breeding.
         key_choices, key_mutation = jax.random.split(key)
-        num_splits = 1 if self.split_groups is None else self.split_groups.num_groups
         u_a, u_b, u_split_and_ratio = jnp.split(
-            jax.random.uniform(key_choices, (2 * self.archive_size + 2 * num_splits,)),
+            jax.random.uniform(key_choices, (2 * self.archive_size + self.num_split_draws,)),
             [self.archive_size, 2 * self.archive_size],
         )
         scores = relative_to_worst(state.scores, state.filled) if self.relative_scores else state.scores
@@ -144,11 +153,7 @@ class M2N2(ArchiveStrategy):
             index_b = sample_proportional(u_b, appeal, state.filled)
         else:
             index_b = sample_proportional(u_b, fitness, state.filled)
-        return offspring(
-            key_mutation, u_split_and_ratio, state.archive[index_a], state.archive[index_b],
-            crossover=self.crossover, split_point=self.split_point,
-            mutation_std=params.mutation_std if self.mutation else None, split_groups=self.split_groups,
-        )
+        return index_a, index_b, u_split_and_ratio, key_mutation
 
     def _insert(self, child, child_scores: jax.Array, state: State, params: Params):
         valid = jnp.all(jnp.isfinite(child_scores))
@@ -163,11 +168,9 @@ class M2N2(ArchiveStrategy):
         weakest = jnp.argmin(archive_fitness)
         accept = valid & (fitness[-1] >= archive_fitness[weakest])  # ties favour the child
         # Write one slot (a dynamic update, in place inside scan) instead of selecting over the archive.
-        keep_child = lambda new, old: jnp.where(accept, new, old)
-        put = lambda archive, new: archive.at[weakest].set(keep_child(new, archive[weakest]))
         state = state.replace(
-            archive=put(state.archive, child),
-            scores=put(state.scores, child_scores),
+            archive=self._put(state.archive, weakest, child, accept),
+            scores=state.scores.at[weakest].set(jnp.where(accept, child_scores, state.scores[weakest])),
             filled=state.filled.at[weakest].set(state.filled[weakest] | accept),
             num_rejected_nonfinite=state.num_rejected_nonfinite + (~valid),
         )
@@ -227,50 +230,3 @@ def sample_proportional(uniforms: jax.Array, weights: jax.Array, allowed: jax.Ar
     weights = jnp.where(jnp.sum(weights) > 0, weights, allowed.astype(weights.dtype))
     gumbel = -jnp.log(-jnp.log(jnp.clip(uniforms, 1e-12, 1.0 - 1e-7)))
     return jnp.argmax(jnp.where(weights > 0, jnp.log(weights) + gumbel, -jnp.inf))
-
-
-def offspring(key_mutation, u_split_and_ratio, parent_a, parent_b, *, crossover: bool, split_point: bool, mutation_std,
-              split_groups: CrossoverGroups | None = None):
-    """One child of two flat parent vectors: split-point SLERP crossover, then optional Gaussian mutation.
-
-    Args:
-      key_mutation: PRNG key of the mutation noise.
-      u_split_and_ratio: two U(0, 1) draws: the split point (uniform over 0..num_dims, both ends included)
-        and the mixing ratio. With G ``split_groups``: 2 G draws, G split points (group g's uniform over
-        0..sizes[g]) then G mixing ratios.
-      parent_a, parent_b: (num_dims,) flat parameter vectors.
-      crossover: False returns (a mutated copy of) parent A.
-      split_point: False uses one global SLERP with the mixing ratio (split at num_dims; with groups,
-        one SLERP per group with its ratio).
-      mutation_std: std of the Gaussian added to every entry, or None for no mutation.
-      split_groups: groups crossed over each with its own split point and ratio; None: one group.
-    Returns:
-      The (num_dims,) child.
-    """
-    if crossover and split_groups is not None:
-        u_splits, mixing_ratios = jnp.split(u_split_and_ratio, 2)
-        sizes = jnp.asarray(split_groups.sizes)
-        if split_point:
-            # The draw of the ungrouped case below, per group.
-            splits = jnp.minimum(jnp.floor(u_splits * (sizes + 1)), sizes).astype(jnp.int32)
-        else:
-            splits = sizes
-        child = grouped_split_point_crossover(splits, mixing_ratios, parent_a, parent_b, split_groups)
-    elif crossover:
-        num_dims = parent_a.shape[0]
-        u_split, mixing_ratio = u_split_and_ratio
-        if split_point:
-            split = jnp.minimum(jnp.floor(u_split * (num_dims + 1)), num_dims).astype(jnp.int32)
-        else:
-            split = jnp.int32(num_dims)
-        child = split_point_crossover(split, mixing_ratio, parent_a, parent_b)
-    else:
-        child = parent_a
-    if mutation_std is not None:
-        child = gaussian_mutation(key_mutation, child, mutation_std)
-    return child
-
-
-def gaussian_mutation(key: jax.Array, params: jax.Array, std) -> jax.Array:
-    """Add N(0, std^2) to every entry of a flat parameter vector."""
-    return params + (std * jax.random.normal(key, params.shape)).astype(params.dtype)

@@ -19,6 +19,7 @@ Like :class:`~evojax_merge.strategies.m2n2.M2N2`, ``tell`` takes per-data-point 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,8 @@ import numpy as np
 from flax import struct
 
 from evojax_merge.merge.crossover import CrossoverGroups
-from evojax_merge.strategies.archive import ArchiveStrategy
-from evojax_merge.strategies.m2n2 import offspring, sample_proportional
+from evojax_merge.strategies.archive import DEFAULT_MAX_SEGMENTS, ArchiveStrategy
+from evojax_merge.strategies.m2n2 import sample_proportional
 
 # Descriptors are often fractions k/n computed in float32 (7/10 -> 0.69999999): a value this close (in
 # cell widths) below a cell boundary counts as on it, so that exact fractions land in the cell they name.
@@ -36,12 +37,14 @@ BOUNDARY_TOLERANCE = 1e-5
 
 @struct.dataclass
 class State:
-    archive: jax.Array  # (num_cells, num_dims) flat parameter vectors of the elites (row-major grid order)
+    archive: Any  # (num_cells, num_dims) flat vectors of the elites (row-major grid order), or coefficients
     quality: jax.Array  # (num_cells,) mean training score of each elite
     filled: jax.Array  # (num_cells,) bool; empty cells are never parents
     num_rejected_nonfinite: jax.Array  # children discarded because a score was NaN or infinite
     generation_counter: jax.Array
-    seeds: jax.Array | None = None  # (n, num_dims) the seed models, kept for a warm-up (else None)
+    seeds: jax.Array | None = None  # (n, num_dims) the seed models, kept for a warm-up or coefficients
+    seed_norms: jax.Array | None = None  # (n,) their squared norms, to recognise them on resume
+    pending: jax.Array | None = None  # (num_children, K, n) rows of the children of the last ask (coefficients)
 
 
 @struct.dataclass
@@ -66,6 +69,7 @@ class MAPElites(ArchiveStrategy):
       warmup: first children bred as random merges of two seeds (see ``ArchiveStrategy``).
       split_groups: groups of parameters with their own split point and mixing ratio (as M2N2's);
         None: one split point over all parameters.
+      archive_form, max_segments: as M2N2's (:class:`~evojax_merge.strategies.archive.ArchiveStrategy`).
     """
 
     def __init__(
@@ -81,17 +85,18 @@ class MAPElites(ArchiveStrategy):
         warmup: int = 0,
         num_seeds: int = 2,
         split_groups: CrossoverGroups | None = None,
+        archive_form: str = "auto",
+        max_segments: int = DEFAULT_MAX_SEGMENTS,
     ):
         if num_axes < 1 or bins < 1:
             raise ValueError(f"num_axes and bins must be at least 1, got {num_axes} and {bins}")
-        super().__init__(solution, num_children, warmup, num_seeds, split_groups)
+        super().__init__(solution, num_children, warmup, num_seeds, split_groups, crossover=crossover,
+                         split_point=split_point, mutation=mutation, archive_form=archive_form,
+                         max_segments=max_segments)
         self.descriptor_fn = descriptor_fn
         self.num_axes = num_axes
         self.bins = bins
         self.num_cells = bins**num_axes
-        self.crossover = crossover
-        self.split_point = split_point
-        self.mutation = mutation
 
     def cell_index(self, descriptor: jax.Array) -> jax.Array:
         """Row-major cell of a descriptor: axis i falls in bin floor(d_i * bins), 1.0 in the last bin."""
@@ -112,31 +117,27 @@ class MAPElites(ArchiveStrategy):
         """Empty grid into which the evaluated seed models ``population`` are inserted one after another."""
         del key
         flat = jax.vmap(self.ravel)(population)
+        archive = self._empty_archive(flat, self.num_cells)
         state = State(
-            archive=jnp.zeros((self.num_cells, self.num_dims), self.dtype),
+            archive=archive,
             quality=jnp.zeros(self.num_cells, jnp.float32),
             filled=jnp.zeros(self.num_cells, bool),
             num_rejected_nonfinite=jnp.int32(0),
             generation_counter=jnp.int32(0),
-            seeds=self.warmup_seeds(flat),
+            **self._initial_state_fields(flat),
         )
-        return self._insert_each(flat, scores, state, params)[0]
+        return self._insert_each(self._seed_rows(archive, flat), scores, state, params)[0]
 
-    def _breed(self, key: jax.Array, state: State, params: Params):
+    def _choose(self, key: jax.Array, state: State, params: Params):
         key_choices, key_mutation = jax.random.split(key)
-        num_splits = 1 if self.split_groups is None else self.split_groups.num_groups
         u_a, u_b, u_split_and_ratio = jnp.split(
-            jax.random.uniform(key_choices, (2 * self.num_cells + 2 * num_splits,)),
+            jax.random.uniform(key_choices, (2 * self.num_cells + self.num_split_draws,)),
             [self.num_cells, 2 * self.num_cells],
         )
         uniform = state.filled.astype(jnp.float32)
         index_a = sample_proportional(u_a, uniform, state.filled)
         index_b = sample_proportional(u_b, uniform, state.filled)
-        return offspring(
-            key_mutation, u_split_and_ratio, state.archive[index_a], state.archive[index_b],
-            crossover=self.crossover, split_point=self.split_point,
-            mutation_std=params.mutation_std if self.mutation else None, split_groups=self.split_groups,
-        )
+        return index_a, index_b, u_split_and_ratio, key_mutation
 
     def _insert(self, child: jax.Array, child_scores: jax.Array, state: State, params: Params):
         del params
@@ -145,9 +146,8 @@ class MAPElites(ArchiveStrategy):
         quality = child_scores.mean()
         cell = self.cell_index(self.descriptor_fn(child_scores))
         accept = valid & (~state.filled[cell] | (quality > state.quality[cell]))
-        # Write one row (a dynamic update, in place inside scan) instead of selecting over the archive.
         state = state.replace(
-            archive=state.archive.at[cell].set(jnp.where(accept, child, state.archive[cell])),
+            archive=self._put(state.archive, cell, child, accept),
             quality=state.quality.at[cell].set(jnp.where(accept, quality, state.quality[cell])),
             filled=state.filled.at[cell].set(state.filled[cell] | accept),
             num_rejected_nonfinite=state.num_rejected_nonfinite + (~valid),

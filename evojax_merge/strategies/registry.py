@@ -28,8 +28,10 @@ import inspect
 from evojax_merge.config import check as _check
 from evojax_merge.config import options as read_options
 from evojax_merge.errors import ConfigError
-from evojax_merge.merge.crossover import crossover_groups
+from evojax_merge.merge.crossover import crossover_groups, num_params
 from evojax_merge.plugins import load_attribute
+from evojax_merge.strategies.archive import ARCHIVE_FORMS
+from evojax_merge.strategies.coefficient_archive import capacity_for, whole_vector_groups
 from evojax_merge.strategies.evosax_adapter import build_evosax, is_evosax_name
 
 
@@ -49,8 +51,16 @@ class ArchiveOptions:
     # their own split point and the rest another (the paper's diffusion U-Nets); for this project's Llama
     # pytrees the attention is "[qkvo]_proj". null: one split point over all parameters.
     split_groups: list[str] | None = None
+    # How the archive holds its members: "coefficients" (the seed models combined with coefficients
+    # constant on segments of the flat parameter vector: the archive costs the seeds, not its size; exact
+    # without mutation), "weights" (every member's parameters), or "auto": coefficients without mutation.
+    archive_form: str = "auto"
 
     def validate(self):
+        _check(self.archive_form in ARCHIVE_FORMS, "strategy.archive_form", f"must be one of {list(ARCHIVE_FORMS)}")
+        _check(not (self.archive_form == "coefficients" and self.mutation_std > 0), "strategy.archive_form",
+               "cannot be 'coefficients' with mutation (strategy.mutation_std > 0): a mutated child is not a "
+               "combination of the seed models; use 'auto' or 'weights'")
         _check(self.num_seed_models >= 1, "strategy.num_seed_models", "must be >= 1")
         _check(self.mutation_std >= 0, "strategy.mutation_std", "must be >= 0")
         _check(self.children_per_step >= 1, "strategy.children_per_step", "must be >= 1")
@@ -63,6 +73,18 @@ class ArchiveOptions:
     def crossover_groups(self, template):
         """The parameter groups of ``split_groups`` over ``template`` (None without them)."""
         return None if self.split_groups is None else crossover_groups(template, self.split_groups)
+
+    def archive_arguments(self, template, evaluations: int | None) -> dict:
+        """Constructor arguments of the archive's breeding and form; a coefficient archive gets the segment
+        slots no run of ``evaluations`` children can outgrow."""
+        groups = self.crossover_groups(template)
+        arguments = {"crossover": self.crossover, "split_point": self.split_point, "mutation": self.mutation_std > 0,
+                     "warmup": self.warmup, "num_seeds": self.num_seed_models, "split_groups": groups,
+                     "num_children": self.children_per_step, "archive_form": self.archive_form}
+        if evaluations is not None:
+            whole = groups or whole_vector_groups(num_params(template))
+            arguments["max_segments"] = capacity_for(whole, evaluations)
+        return arguments
 
 
 @dataclasses.dataclass
@@ -98,21 +120,17 @@ class MAPElitesOptions(ArchiveOptions):
 MAX_GRID_CELLS = 10_000
 
 
-def build_m2n2(problem, spec: dict):
+def build_m2n2(problem, spec: dict, evaluations: int | None = None):
     from evojax_merge.strategies.m2n2 import M2N2, Params
 
     s = read_options(M2N2Options, spec, "strategy")
     s.validate()
-    strategy = M2N2(
-        archive_size=s.archive_size, solution=problem.template, num_children=s.children_per_step,
-        crossover=s.crossover, split_point=s.split_point, matchmaker=s.matchmaker, mutation=s.mutation_std > 0,
-        warmup=s.warmup, num_seeds=s.num_seed_models, split_groups=s.crossover_groups(problem.template),
-        relative_scores=s.relative_scores,
-    )
+    strategy = M2N2(archive_size=s.archive_size, solution=problem.template, matchmaker=s.matchmaker,
+                    relative_scores=s.relative_scores, **s.archive_arguments(problem.template, evaluations))
     return strategy, Params(alpha=s.alpha, mutation_std=s.mutation_std), dataclasses.asdict(s)
 
 
-def build_map_elites(problem, spec: dict):
+def build_map_elites(problem, spec: dict, evaluations: int | None = None):
     from evojax_merge.strategies.map_elites import MAPElites, Params, group_mean_descriptor
 
     s = read_options(MAPElitesOptions, spec, "strategy")
@@ -126,27 +144,26 @@ def build_map_elites(problem, spec: dict):
     _check(cells <= MAX_GRID_CELLS, "strategy.grid_bins",
            f"gives {cells:,} cells ({s.grid_bins} ** {len(membership)}), more than {MAX_GRID_CELLS:,} "
            "(every cell holds a whole model)")
-    strategy = MAPElites(
-        solution=problem.template, descriptor_fn=group_mean_descriptor(membership), num_axes=len(membership),
-        bins=s.grid_bins, num_children=s.children_per_step, crossover=s.crossover, split_point=s.split_point,
-        mutation=s.mutation_std > 0, warmup=s.warmup, num_seeds=s.num_seed_models,
-        split_groups=s.crossover_groups(problem.template),
-    )
+    strategy = MAPElites(solution=problem.template, descriptor_fn=group_mean_descriptor(membership),
+                         num_axes=len(membership), bins=s.grid_bins,
+                         **s.archive_arguments(problem.template, evaluations))
     return strategy, Params(mutation_std=s.mutation_std), dataclasses.asdict(s)
 
 
 BUILDERS = {"m2n2": build_m2n2, "map_elites": build_map_elites}
 
 
-def build_strategy(spec: dict, problem):
+def build_strategy(spec: dict, problem, evaluations: int | None = None):
     """(strategy, params, resolved options) of config section ``strategy`` ``spec`` for ``problem``.
+
+    ``evaluations``: the run's budget, which sizes what grows with it (a coefficient archive's segments).
 
     Raises:
       ConfigError: an unknown name, an import path that does not load, options the strategy refuses.
     """
     name = spec["name"]
     if name in BUILDERS:
-        strategy, params, resolved = BUILDERS[name](problem, spec)
+        strategy, params, resolved = BUILDERS[name](problem, spec, evaluations)
     elif is_evosax_name(name):
         strategy, params, resolved = build_evosax(name, spec, problem.template)
     elif ":" in name:
