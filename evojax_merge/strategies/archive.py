@@ -128,10 +128,13 @@ class ArchiveStrategy:
 
     def _initial_state_fields(self, flat_seeds: jax.Array) -> dict:
         """The fields every archive state has besides the subclass's scores: seeds kept for a warm-up or
-        the coefficient form, and their squared norms (to recognise them when a run resumes)."""
+        the coefficient form, their squared norms (to recognise them when a run resumes), and the
+        coefficient form's rows of the children between ``ask`` and ``tell``."""
         keep = self.compact or self.warmup > 0
+        n = flat_seeds.shape[0]
         return {"seeds": flat_seeds if keep else None,
-                "seed_norms": jnp.sum(jnp.square(flat_seeds.astype(jnp.float32)), axis=1) if keep else None}
+                "seed_norms": jnp.sum(jnp.square(flat_seeds.astype(jnp.float32)), axis=1) if keep else None,
+                "pending": jnp.zeros((self.num_children, self.max_segments, n), jnp.float32) if self.compact else None}
 
     def member(self, state, index: jax.Array):
         """Parameter pytree of archive slot ``index``."""
@@ -168,9 +171,9 @@ class ArchiveStrategy:
         if state.seed_norms is None:
             return state, jnp.bool_(True)
         flat = jax.vmap(self.ravel)(population)
-        fields = self._initial_state_fields(flat)
-        same = jnp.allclose(fields["seed_norms"], state.seed_norms, rtol=1e-5, atol=0.0)
-        return state.replace(seeds=fields["seeds"]), same
+        norms = jnp.sum(jnp.square(flat.astype(jnp.float32)), axis=1)
+        same = (norms.shape == state.seed_norms.shape) and jnp.allclose(norms, state.seed_norms, rtol=1e-5, atol=0.0)
+        return state.replace(seeds=flat), same
 
     # ----------------------------------------------------------------------------------- ask and tell
     @property
