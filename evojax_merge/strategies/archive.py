@@ -113,6 +113,16 @@ class ArchiveStrategy:
             return coefficients.init(flat_seeds, num_rows, self.groups, self.max_segments)
         return jnp.zeros((num_rows, self.num_dims), self.dtype)
 
+    def _archive_of_seeds(self, flat_seeds: jax.Array, num_rows: int):
+        """An archive whose first rows are the seed models and the others empty."""
+        if self.compact:
+            archive = coefficients.init(flat_seeds, num_rows, self.groups, self.max_segments)
+            n = flat_seeds.shape[0]
+            return archive.replace(coef=archive.coef.at[:n].set(coefficients.seed_rows(archive)))
+        # One concatenation: updating rows of a zero archive made XLA hold a second copy of it.
+        pad = jnp.zeros((num_rows - flat_seeds.shape[0], self.num_dims), self.dtype)
+        return jnp.concatenate([flat_seeds.astype(self.dtype), pad])
+
     def _seed_rows(self, archive, flat_seeds: jax.Array) -> jax.Array:
         """The rows that are the seed models themselves."""
         return coefficients.seed_rows(archive) if self.compact else flat_seeds

@@ -121,9 +121,7 @@ class M2N2(ArchiveStrategy):
             raise ValueError(f"{n} seed models do not fit an archive of {self.archive_size}")
         pad = self.archive_size - n
         flat = jax.vmap(self.ravel)(population)
-        archive = self._empty_archive(flat, self.archive_size)
-        for i, row in enumerate(self._seed_rows(archive, flat)):
-            archive = self._put(archive, i, row, True)
+        archive = self._archive_of_seeds(flat, self.archive_size)
         finite = jnp.all(jnp.isfinite(scores), axis=1)
         return State(
             archive=archive,
