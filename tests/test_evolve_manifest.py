@@ -288,9 +288,13 @@ def test_fixed_merges_and_the_results_table_report_known_scores_and_paired_diffe
     # Paired difference to the best seed: mean and standard error of the per-problem differences.
     seeds = {"arithmetic specialist": "arithmetic", "list_ops specialist": "list_ops"}
     best = max(seeds, key=lambda label: fixed["scores"][seeds[label]]["test"]["all"])
-    assert table.count("(best seed)") == 1 and _cells(table, best)[-1] == "(best seed)"
+    assert table.count("(best seed)") == 1 and _cells(table, best)[4] == "(best seed)"
     d = 100 * (np.array(fixed["scores"]["average"]["test_points"]) - fixed["scores"][seeds[best]]["test_points"])
-    assert _cells(table, "fixed: average")[-1] == f"{d.mean():+.1f} ± {d.std(ddof=1) / np.sqrt(7):.1f}"
+    assert _cells(table, "fixed: average")[4] == f"{d.mean():+.1f} ± {d.std(ddof=1) / np.sqrt(7):.1f}"
+    # And to the fixed TIES merge, in the last column.
+    d = 100 * (np.array(fixed["scores"]["average"]["test_points"]) - fixed["scores"]["ties d0.5"]["test_points"])
+    assert _cells(table, "fixed: average")[5] == f"{d.mean():+.1f} ± {d.std(ddof=1) / np.sqrt(7):.1f}"
+    assert _cells(table, "fixed: ties d0.5")[5] == "(fixed TIES)"
 
     # Another held-out split: every saved model is scored on it; fixed merges of the old split are left out.
     assert _experiment_script("table").main([str(runs), "--test-split", "fitness"]) == 0

@@ -36,7 +36,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="directory for simple_merges.json/.md (default: print only)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. problem.task.n_fitness=200")
+    ap.add_argument("--recipes", nargs="+", default=None, metavar="LABEL",
+                    help=f"only these fixed merges (default: all: {', '.join(repr(r[0]) for r in RECIPES)})")
     a = ap.parse_args(argv)
+    labels = [label for label, _, _ in RECIPES]
+    unknown = [r for r in a.recipes or () if r not in labels]
+    if unknown:
+        ap.error(f"unknown recipe {unknown[0]!r}; the recipes: {', '.join(map(repr, labels))}")
 
     import jax
     import numpy as np
@@ -65,6 +71,8 @@ def main(argv=None) -> int:
     models = {name: model for name, model in zip(seeds_options.models, seeds.models)}
     models[seeds_options.base] = seeds.base
     for label, method, params in RECIPES:
+        if a.recipes is not None and label not in a.recipes:
+            continue
         models[label] = merge_trees(method, stacked, seeds.base, key=jax.random.key(0), **params)
 
     rows = {}

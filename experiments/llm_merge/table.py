@@ -31,7 +31,9 @@ import numpy as np
 
 METHODS = [("ps", "PS"), ("ps_ties", "PS with TIES (no DARE)"),
            ("ps_ties_prob", "PS with TIES, fitness: answer probability"), ("dfs", "DFS"), ("ps_dfs", "PS + DFS"),
-           ("m2n2", "M2N2"), ("m2n2_prob", "M2N2, fitness: answer probability"), ("ga", "GA"),
+           ("m2n2", "M2N2"), ("m2n2_no_split_point", "M2N2 without split point"),
+           ("m2n2_no_attraction", "M2N2 without attraction"), ("m2n2_prob", "M2N2, fitness: answer probability"),
+           ("ga", "GA"),
            ("map_elites", "MAP-Elites"), ("cmaes_slerp", "CMA-ES over SLERP")]
 
 
@@ -132,10 +134,10 @@ def seed_labels(run_dir: pathlib.Path) -> dict[str, str]:
     return labels
 
 
-def row(name: str, test: dict, fitness: dict | None, versus: str = "") -> str:
+def row(name: str, test: dict, fitness: dict | None, *versus: str) -> str:
     cells = [f"{100 * test[k]:.1f}" for k in ("arithmetic", "list_ops", "all")]
     cells.append("" if fitness is None else f"{100 * fitness['all']:.1f}")
-    return f"| {name} | " + " | ".join(cells + [versus]) + " |"
+    return f"| {name} | " + " | ".join(cells + list(versus or [""])) + " |"
 
 
 def m2n2_at(run_dir: pathlib.Path, evaluations: int) -> tuple[int, dict, dict] | None:
@@ -182,9 +184,14 @@ def main(argv=None) -> int:
     with_seeds = next((k for k, s in summaries.items() if "seeds_test" in s.get("baselines", {})), None)
     scorer = None if a.no_rescore else Scorer(root / next(iter(summaries)), a.test_split)
     split = a.test_split or "test"
-    points = {}  # label -> per-problem test scores, for the paired comparison with the best seed
-    lines = [f"| model | arithmetic ({split}) | list_ops ({split}) | both ({split}) | both (fitness problems) "
-             f"| both ({split}) vs the best seed, paired |", "|---|---|---|---|---|---|"]
+    simple = pathlib.Path(a.simple) if a.simple else root / "simple" / "simple_merges.json"
+    fixed = json.loads(simple.read_text()) if simple.is_file() else None
+    if fixed is not None and fixed.get("test_split", "test") != split:
+        print(f"note: {simple} reports the split {fixed.get('test_split', 'test')!r}, not {split!r}: fixed merges "
+              f"left out (simple_merges.py --set problem.task.test_split={split} --out DIR; "
+              "--simple DIR/simple_merges.json)", file=sys.stderr)
+        fixed = None
+    points = {}  # label -> per-problem test scores, for the paired comparisons
     seed_rows = []
     if with_seeds is not None:
         labels = seed_labels(root / with_seeds)
@@ -195,24 +202,35 @@ def main(argv=None) -> int:
             test = test if scored is None else scorer.accuracies(scored["test"], "test")
             points[label] = None if scored is None else scored["test"]
             seed_rows.append((label, test, fitness))
+    elif fixed is not None:  # runs that did not score the seeds: the fixed merges' file did
+        base = fixed.get("seeds", [None])[-1]
+        for name in fixed.get("seeds", ()):
+            scores = fixed["scores"][name]
+            label = "base" if name == base else f"{name} specialist"
+            points[label] = np.asarray(scores["test_points"]) if "test_points" in scores else None
+            seed_rows.append((label, scores["test"], scores["fitness"]))
     specialists = [(t["all"], label) for label, t, _ in seed_rows if label != "base"]
     best_seed = max(specialists)[1] if specialists else None
     reference = points.get(best_seed)
+    ties = (fixed or {}).get("scores", {}).get("ties d0.5", {}).get("test_points")
+    ties = None if ties is None else np.asarray(ties)
+    lines = [f"| model | arithmetic ({split}) | list_ops ({split}) | both ({split}) | both (fitness problems) "
+             f"| both ({split}) vs the best seed, paired |" + (" vs fixed TIES, paired |" if ties is not None else ""),
+             "|---|---|---|---|---|---|" + ("---|" if ties is not None else "")]
+
+    def add(label, test, fitness, mine, versus=None):
+        cells = [paired(mine, reference) if versus is None else versus]
+        if ties is not None:
+            cells.append(paired(mine, ties) if label != "fixed: ties d0.5" else "(fixed TIES)")
+        lines.append(row(label, test, fitness, *cells))
+
     for label, test, fitness in seed_rows:
-        versus = "(best seed)" if label == best_seed else paired(points[label], reference)
-        lines.append(row(label, test, fitness, versus))
-    simple = pathlib.Path(a.simple) if a.simple else root / "simple" / "simple_merges.json"
-    fixed = json.loads(simple.read_text()) if simple.is_file() else None
-    if fixed is not None and fixed.get("test_split", "test") != split:
-        print(f"note: {simple} reports the split {fixed.get('test_split', 'test')!r}, not {split!r}: fixed merges "
-              f"left out (simple_merges.py --set problem.task.test_split={split} --out DIR; "
-              "--simple DIR/simple_merges.json)", file=sys.stderr)
-        fixed = None
+        add(label, test, fitness, points[label], "(best seed)" if label == best_seed else None)
     if fixed is not None:
         for label, scores in fixed["scores"].items():
             if label not in fixed.get("seeds", ("base", "arithmetic", "list_ops")):  # the seeds are above
-                lines.append(row(f"fixed: {label}", scores["test"], scores["fitness"],
-                                 paired(scores.get("test_points"), reference)))
+                mine = np.asarray(scores["test_points"]) if "test_points" in scores else None
+                add(f"fixed: {label}", scores["test"], scores["fitness"], mine)
     for key, label in methods:
         if key in summaries:
             s = summaries[key]
@@ -225,7 +243,7 @@ def main(argv=None) -> int:
             if mine is None and split != "test":
                 print(f"note: {label} left out: no saved model to score on {split!r}", file=sys.stderr)
                 continue
-            lines.append(row(label, test, fitness, paired(None if mine is None else mine["test"], reference)))
+            add(label, test, fitness, None if mine is None else mine["test"])
             # M2N2's earlier best is known only by its logged scores on the runs' own test split.
             early = m2n2_at(root / key, a.m2n2_at) if key == "m2n2" and split == "test" else None
             if early is not None and early[0] < s.get("evaluations_per_seed", early[0] + 1):
