@@ -133,6 +133,8 @@ METHODS = {
     "m2n2 + warm-up": ("experiments/digits/pretrained/m2n2.yaml", ["strategy.archive_size=8", "strategy.warmup=30"]),
     "m2n2 no split point": ("experiments/digits/pretrained/m2n2_no_split_point.yaml", ["strategy.archive_size=8"]),
     "ga": ("experiments/digits/pretrained/ga.yaml", ["strategy.archive_size=8"]),
+    "m2n2 no crossover + warm-up": ("experiments/digits/pretrained/m2n2.yaml",
+                                    ["strategy.archive_size=8", "strategy.crossover=false", "strategy.warmup=10"]),
     "map_elites": ("experiments/digits/pretrained/map_elites.yaml", ["strategy.grid_bins=4"]),
     "m2n2 split groups, 2 children": ("experiments/digits/pretrained/m2n2.yaml",
                                       ["strategy.archive_size=8", "strategy.split_groups=[Dense_0]",
@@ -216,10 +218,13 @@ def test_mutation_keeps_the_archive_of_weights_and_refuses_coefficients():
     from evojax_merge.errors import ConfigError
     from evojax_merge.strategies.m2n2 import M2N2
 
-    template = {"w": jnp.zeros(3)}
-    assert M2N2(4, template).archive_form == "weights"  # mutation on by default
-    assert M2N2(4, template, mutation=False).archive_form == "coefficients"
-    assert M2N2(4, template, mutation=False, archive_form="weights").archive_form == "weights"
+    template = {"w": jnp.zeros(1000)}
+    assert M2N2(4, template, max_segments=100).archive_form == "weights"  # mutation on by default
+    assert M2N2(4, template, mutation=False, max_segments=100).archive_form == "coefficients"
+    assert M2N2(4, template, mutation=False, max_segments=100, archive_form="weights").archive_form == "weights"
+    # auto keeps the weights where 2 seeds' coefficients on every segment slot would take more room.
+    assert M2N2(4, template, mutation=False, max_segments=500).archive_form == "weights"
+    assert M2N2(4, template, mutation=False, max_segments=500, archive_form="coefficients").archive_form == "coefficients"
     with pytest.raises(ValueError, match="mutation"):
         M2N2(4, template, archive_form="coefficients")
     with pytest.raises(ConfigError, match="strategy.archive_form"):

@@ -66,7 +66,8 @@ class RecipeSpace:
       method: merge method name (see :data:`operators.METHODS`).
       genes: evolved parameters, e.g. ("weight", "density") or ("t",). Genes the method takes per
         model (weight, density, gamma, epsilon) are read per model; global ones (t, lambda_) from
-        model 0's slot.
+        model 0's slot. A genome of global genes only has one model slot (SLERP over L layers: L genes,
+        not N x L of which only model 0's would be read).
       layer_group: consecutive layers sharing genes (1 = per layer; num_layers = one group).
       families: tensor families with their own genes.
       allow_negative_weights: else weights are clamped at 0.
@@ -135,9 +136,15 @@ class RecipeSpace:
         return jnp.arange(num_layers) // self.layer_group
 
     @property
+    def gene_models(self) -> int:
+        """Model slots of the genome: one per model when a gene is read per model, else one."""
+        per_model = get_method(self.method).per_model
+        return self.n_models if any(g in per_model for g in self.genes) else 1
+
+    @property
     def shape(self) -> tuple[int, int, int, int]:
-        """(models, groups, families, genes)."""
-        return (self.n_models, self.n_groups, len(self.families), len(self.genes))
+        """(model slots, groups, families, genes)."""
+        return (self.gene_models, self.n_groups, len(self.families), len(self.genes))
 
     @property
     def size(self) -> int:
@@ -163,7 +170,7 @@ class RecipeSpace:
 
 
 def decode(space: RecipeSpace, genome: jax.Array) -> dict[str, jax.Array]:
-    """Flat genome -> ``{gene: [models, groups, families]}``, clamped like mergekit parameters.
+    """Flat genome -> ``{gene: [model slots, groups, families]}``, clamped like mergekit parameters.
 
     Args:
       space: the genome layout.

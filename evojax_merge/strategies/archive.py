@@ -12,7 +12,9 @@ Two forms of the archive, chosen by ``archive_form``:
   segments of the flat vector (:mod:`~evojax_merge.strategies.coefficient_archive`): the archive costs
   the seeds, not its size, and a child is materialised only to be scored. Exact without mutation, where
   every child is arithmetic on the seeds.
-- ``"auto"`` (default): coefficients without mutation, weights with it.
+- ``"auto"`` (default): coefficients without mutation when a member's coefficients (K segments x n seeds)
+  take less room than its weights (language models: always; a 19k-parameter classifier over a run of
+  10,000 evaluations keeps its weights), else weights.
 
 A warm-up (``warmup`` children, M2N2's language-model setting) breeds the first children as random merges
 of two distinct seed models instead: a split-point SLERP of the pair with a uniform split point and mixing
@@ -83,7 +85,6 @@ class ArchiveStrategy:
         self.crossover = crossover
         self.split_point = split_point
         self.mutation = mutation
-        self.compact = archive_form == "coefficients" or (archive_form == "auto" and not mutation)
         template = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), solution)
         flat, self._unravel = jax.flatten_util.ravel_pytree(template)
         self.num_dims = flat.size
@@ -94,6 +95,10 @@ class ArchiveStrategy:
         # The coefficient form treats "no groups" as one group over the whole vector.
         self.groups = split_groups or coefficients.whole_vector_groups(self.num_dims)
         self.max_segments = max(max_segments, len(self.groups.run_ids) + 1)
+        # auto: coefficients where they are exact (no mutation) and a member's coefficients (K segments x
+        # n seeds) take less room than its weights; a small model with a long run keeps its weights.
+        smaller = self.max_segments * max(num_seeds, 2) < self.num_dims
+        self.compact = archive_form == "coefficients" or (archive_form == "auto" and not mutation and smaller)
 
     @property
     def archive_form(self) -> str:
@@ -237,7 +242,7 @@ class ArchiveStrategy:
             draws = jax.vmap(breed)(keys)
         index_a, index_b, splits, ratios, from_seeds = draws
         positions = jax.vmap(lambda s: coefficients.group_positions(self.groups, s))(splits)
-        if self.crossover:
+        if self.crossover or self.warmup:
             archive, positions = coefficients.insert_boundaries(archive, state.seeds, positions)
         seeds_as_rows = coefficients.seed_rows(archive)
 
@@ -246,10 +251,11 @@ class ArchiveStrategy:
                              archive.coef[index])
 
         row_a = jax.vmap(parent)(index_a, from_seeds)
-        if self.crossover:
+        if self.crossover or self.warmup:  # the warm-up's random merges cross over even without crossover
             row_b = jax.vmap(parent)(index_b, from_seeds)
             cross = lambda a, b, p, r: coefficients.crossover_row(archive, a, b, p, r, self.groups.num_groups)
-            rows = jax.vmap(cross)(row_a, row_b, positions, ratios)
+            crossed = jax.vmap(cross)(row_a, row_b, positions, ratios)
+            rows = crossed if self.crossover else jnp.where(from_seeds[:, None, None], crossed, row_a)
         else:
             rows = row_a
         children = jax.vmap(lambda row: self._unravel(coefficients.materialise(archive, row, state.seeds)))(rows)

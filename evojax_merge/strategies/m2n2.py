@@ -71,8 +71,8 @@ class M2N2(ArchiveStrategy):
       mutation: add N(0, mutation_std^2) noise (on for from-scratch runs, off for pre-trained seeds).
       num_seeds: seed models the archive starts from when the problem makes them from a key.
       warmup: first children bred as random merges of two seeds (the paper's LLM setting: 50).
-      archive_form: "auto" (coefficients without mutation, weights with it), "coefficients" or "weights"
-        (see :class:`~evojax_merge.strategies.archive.ArchiveStrategy`).
+      archive_form: "auto" (coefficients without mutation where they are smaller than the weights),
+        "coefficients" or "weights" (see :class:`~evojax_merge.strategies.archive.ArchiveStrategy`).
       max_segments: segment slots of the coefficient form.
       split_groups: groups of parameters with their own split point and mixing ratio (the paper's
         diffusion setting: attention layers and the rest); None: one split point over all parameters.

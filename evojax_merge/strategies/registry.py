@@ -53,7 +53,8 @@ class ArchiveOptions:
     split_groups: list[str] | None = None
     # How the archive holds its members: "coefficients" (the seed models combined with coefficients
     # constant on segments of the flat parameter vector: the archive costs the seeds, not its size; exact
-    # without mutation), "weights" (every member's parameters), or "auto": coefficients without mutation.
+    # without mutation), "weights" (every member's parameters), or "auto": coefficients without mutation
+    # where they take less room than the weights (K segments x n seeds < a model's parameters).
     archive_form: str = "auto"
 
     def validate(self):
