@@ -65,7 +65,8 @@ def save_random_seeds(root: pathlib.Path, args) -> dict:
 
 
 def experiment(problem: dict, strategy: dict, per_step_guess: int, batch_size: int | None):
-    run = RunConfig(evaluations=10**6, seeds=[0], log_every=per_step_guess, checkpoint_every=per_step_guess,
+    # The paper's budget: it sizes a coefficient archive's segment slots (1,002 here).
+    run = RunConfig(evaluations=1000, seeds=[0], log_every=per_step_guess, checkpoint_every=per_step_guess,
                     generations_per_call=1, batch_size=batch_size)
     return build(Config(name="bench", problem=problem, strategy=strategy, run=run).validate())
 

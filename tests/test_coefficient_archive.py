@@ -217,14 +217,17 @@ def test_resuming_with_other_seed_models_is_refused(tmp_path, monkeypatch):
 def test_mutation_keeps_the_archive_of_weights_and_refuses_coefficients():
     from evojax_merge.errors import ConfigError
     from evojax_merge.strategies.m2n2 import M2N2
+    from evojax_merge.strategies.map_elites import MAPElites
 
     template = {"w": jnp.zeros(1000)}
     assert M2N2(4, template, max_segments=100).archive_form == "weights"  # mutation on by default
     assert M2N2(4, template, mutation=False, max_segments=100).archive_form == "coefficients"
     assert M2N2(4, template, mutation=False, max_segments=100, archive_form="weights").archive_form == "weights"
-    # auto keeps the weights where 2 seeds' coefficients on every segment slot would take more room.
-    assert M2N2(4, template, mutation=False, max_segments=500).archive_form == "weights"
-    assert M2N2(4, template, mutation=False, max_segments=500, archive_form="coefficients").archive_form == "coefficients"
+    assert MAPElites(template, lambda s: s, 1, bins=4, mutation=False, max_segments=124).archive_form == "coefficients"
+    # auto keeps the weights where 4 slots x 2 seeds' coefficients on every segment slot take more room.
+    assert M2N2(4, template, mutation=False, max_segments=125).archive_form == "weights"
+    assert M2N2(4, template, mutation=False, max_segments=124).archive_form == "coefficients"
+    assert M2N2(4, template, mutation=False, max_segments=125, archive_form="coefficients").archive_form == "coefficients"
     with pytest.raises(ValueError, match="mutation"):
         M2N2(4, template, archive_form="coefficients")
     with pytest.raises(ConfigError, match="strategy.archive_form"):

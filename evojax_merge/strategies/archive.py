@@ -12,9 +12,9 @@ Two forms of the archive, chosen by ``archive_form``:
   segments of the flat vector (:mod:`~evojax_merge.strategies.coefficient_archive`): the archive costs
   the seeds, not its size, and a child is materialised only to be scored. Exact without mutation, where
   every child is arithmetic on the seeds.
-- ``"auto"`` (default): coefficients without mutation when a member's coefficients (K segments x n seeds)
-  take less room than its weights (language models: always; a 19k-parameter classifier over a run of
-  10,000 evaluations keeps its weights), else weights.
+- ``"auto"`` (default): coefficients without mutation when all slots' coefficients (K segments x n seeds
+  each) take less room than one member's weights (language models: always; a 19k-parameter classifier
+  over a run of 10,000 evaluations keeps its weights), else weights.
 
 A warm-up (``warmup`` children, M2N2's language-model setting) breeds the first children as random merges
 of two distinct seed models instead: a split-point SLERP of the pair with a uniform split point and mixing
@@ -61,13 +61,15 @@ class ArchiveStrategy:
       archive_form: "auto", "coefficients" or "weights" (see the module docstring).
       max_segments: segment slots of the coefficient form
         (:func:`~evojax_merge.strategies.coefficient_archive.capacity_for` a budget).
+      num_slots: archive slots (what ``"auto"`` weighs the coefficients of against one model).
     """
 
     needs_seed_scores = True  # the seeds are the archive's first members: the engine scores them
 
     def __init__(self, solution, num_children: int, warmup: int = 0, num_seeds: int = 2,
                  split_groups: CrossoverGroups | None = None, *, crossover: bool = True, split_point: bool = True,
-                 mutation: bool = True, archive_form: str = "auto", max_segments: int = DEFAULT_MAX_SEGMENTS):
+                 mutation: bool = True, archive_form: str = "auto", max_segments: int = DEFAULT_MAX_SEGMENTS,
+                 num_slots: int = 1):
         if num_children < 1:
             raise ValueError(f"num_children must be at least 1, got {num_children}")
         if warmup < 0:
@@ -95,9 +97,10 @@ class ArchiveStrategy:
         # The coefficient form treats "no groups" as one group over the whole vector.
         self.groups = split_groups or coefficients.whole_vector_groups(self.num_dims)
         self.max_segments = max(max_segments, len(self.groups.run_ids) + 1)
-        # auto: coefficients where they are exact (no mutation) and a member's coefficients (K segments x
-        # n seeds) take less room than its weights; a small model with a long run keeps its weights.
-        smaller = self.max_segments * max(num_seeds, 2) < self.num_dims
+        # auto: coefficients where they are exact (no mutation) and all slots' coefficients (K segments x n
+        # seeds each) take less room than one member's weights. Every step touches all of them (merging
+        # equal segments), so a small model with a long run keeps its weights and its speed.
+        smaller = num_slots * self.max_segments * max(num_seeds, 2) < self.num_dims
         self.compact = archive_form == "coefficients" or (archive_form == "auto" and not mutation and smaller)
 
     @property

@@ -217,17 +217,36 @@ def crossover_row(archive: CoefficientArchive, row_a: jax.Array, row_b: jax.Arra
     return weight_a[:, None] * row_a + weight_b[:, None] * row_b
 
 
+def block_segments(starts: jax.Array, first: jax.Array, block: int) -> jax.Array:
+    """(block,) segment of every flat index first .. first + block - 1.
+
+    The segment of ``first`` plus the boundaries passed since: a prefix sum over the block (ten times
+    faster on a CPU than a binary search per entry, which costs as much as scoring a child of a 135 M
+    model).
+    """
+    here = jnp.searchsorted(starts, first, side="right") - 1
+    inside = (starts > first) & (starts < first + block)
+    passed = jnp.zeros(block, jnp.int32).at[jnp.where(inside, starts - first, block)].add(1, mode="drop")
+    return here + jax.lax.associative_scan(jnp.add, passed)
+
+
 def materialise(archive: CoefficientArchive, row: jax.Array, seeds: jax.Array, block: int = BLOCK) -> jax.Array:
     """The (num_dims,) flat weights of a row, in the seeds' dtype, computed ``block`` entries at a time."""
     n, num_dims = seeds.shape
     block = min(block, num_dims)
+    num_blocks = -(-num_dims // block)
 
-    def fill(b, out):
-        first = jnp.minimum(b * block, num_dims - block)
-        position = first + jnp.arange(block, dtype=jnp.int32)
-        segment = jnp.searchsorted(archive.starts, position, side="right") - 1
+    def fill(b):
+        first = jnp.minimum(b * block, num_dims - block)  # the last block is computed shifted back
         chunk = jax.lax.dynamic_slice(seeds, (0, first), (n, block)).astype(jnp.float32)
-        values = jnp.sum(row[segment].T * chunk, axis=0)
-        return jax.lax.dynamic_update_slice(out, values.astype(seeds.dtype), (first,))
+        segment = block_segments(archive.starts, first, block)
+        # One gathered coefficient column per seed (a (block, n) gather, transposed and reduced, is 15
+        # times slower on a CPU).
+        values = sum(row[:, i][segment] * chunk[i] for i in range(n))
+        return values.astype(seeds.dtype)
 
-    return jax.lax.fori_loop(0, -(-num_dims // block), fill, jnp.zeros(num_dims, seeds.dtype))
+    # Blocks stacked by lax.map, not written into one buffer in a loop: the loop's in-place update is
+    # not guaranteed, and a copy of the whole vector per block made it 10 times slower.
+    blocks = jax.lax.map(fill, jnp.arange(num_blocks))
+    tail = num_blocks * block - num_dims  # entries of the last block that the one before already holds
+    return jnp.concatenate([blocks[:-1].reshape(-1), blocks[-1, tail:]])

@@ -100,7 +100,7 @@ class M2N2(ArchiveStrategy):
             raise ValueError(f"archive_size must be at least 2, got {archive_size}")
         super().__init__(solution, num_children, warmup, num_seeds, split_groups, crossover=crossover,
                          split_point=split_point, mutation=mutation, archive_form=archive_form,
-                         max_segments=max_segments)
+                         max_segments=max_segments, num_slots=archive_size)
         self.archive_size = archive_size
         self.matchmaker = matchmaker
         self.relative_scores = relative_scores

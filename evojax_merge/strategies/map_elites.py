@@ -92,7 +92,7 @@ class MAPElites(ArchiveStrategy):
             raise ValueError(f"num_axes and bins must be at least 1, got {num_axes} and {bins}")
         super().__init__(solution, num_children, warmup, num_seeds, split_groups, crossover=crossover,
                          split_point=split_point, mutation=mutation, archive_form=archive_form,
-                         max_segments=max_segments)
+                         max_segments=max_segments, num_slots=bins**num_axes)
         self.descriptor_fn = descriptor_fn
         self.num_axes = num_axes
         self.bins = bins

@@ -54,7 +54,8 @@ class ArchiveOptions:
     # How the archive holds its members: "coefficients" (the seed models combined with coefficients
     # constant on segments of the flat parameter vector: the archive costs the seeds, not its size; exact
     # without mutation), "weights" (every member's parameters), or "auto": coefficients without mutation
-    # where they take less room than the weights (K segments x n seeds < a model's parameters).
+    # where all slots' coefficients take less room than one member's weights (slots x K segments x n seeds
+    # < a model's parameters; K grows with the budget).
     archive_form: str = "auto"
 
     def validate(self):
