@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--title", default="", help="title of the single panel (with positional run directories)")
     plot.add_argument("--table", help="also write the results tables (markdown) to this file")
     plot.add_argument("--skip-missing", action="store_true", help="leave out run directories and line files that do not exist")
+    plot.add_argument("--metric", choices=["test_score", "train_score"], default="test_score",
+                      help="the best candidate's test score (default) or its fitness on the training split")
 
     line = commands.add_parser("slerp-line", help="brute-force SLERP between a config's two seed models (reference line)")
     line.add_argument("config", help="experiment YAML with two seed models, e.g. experiments/digits/pretrained/m2n2.yaml")
@@ -185,11 +187,11 @@ def _plot(args, parser) -> int:
         if output:
             check_destination(output, folder=False)
     groups = [[args.title, *args.run_dirs]] if args.run_dirs else args.panel
-    panels = [_read_panel(title, items, args.skip_missing) for title, *items in groups]
+    panels = [_read_panel(title, items, args.skip_missing, args.metric) for title, *items in groups]
     for output in (args.out, args.table):  # e.g. runs/digits/ on a machine that has no runs yet
         if output:
             pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
-    plot_panels(panels, args.out)
+    plot_panels(panels, args.out, ylabel="Test accuracy (%)" if args.metric == "test_score" else "Fitness (%)")
     tables = "\n\n".join(
         (f"### {p['title']}\n\n" if p["title"] else "") + results_table(p["curves"], p["lines"]) for p in panels
     )
@@ -203,7 +205,7 @@ def _plot(args, parser) -> int:
     return 0
 
 
-def _read_panel(title: str, items: list[str], skip_missing: bool) -> dict:
+def _read_panel(title: str, items: list[str], skip_missing: bool, metric: str = "test_score") -> dict:
     """Curves of the run directories and reference lines of the JSON files among ``items``."""
     import json
 
@@ -225,7 +227,7 @@ def _read_panel(title: str, items: list[str], skip_missing: bool) -> dict:
                 raise EvojaxMergeError(f"{path} is not a reference line written by slerp-line "
                                        f"({type(e).__name__}: {e})") from None
             continue
-        curve = read_curve(path)
+        curve = read_curve(path, metric)
         if curve is None:
             if skip_missing:
                 continue

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = [
     "--set", "problem.model.hidden_sizes=[16]",
@@ -45,6 +47,11 @@ def test_run_resume_and_plot(tmp_path):
     assert plotted.returncode == 0, plotted.stderr
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| m2n2 | 2 | 202 |" in plotted.stdout  # the results table: name, seeds, evaluations
+    fitness = cli("plot", str(out), "--metric", "train_score", "--out", str(tmp_path / "fitness.png"))
+    assert fitness.returncode == 0, fitness.stderr
+    from evojax_merge.run.runner import read_curve, read_metrics
+
+    np.testing.assert_array_equal(read_curve(out, "train_score")["values"], read_metrics(out)["train_score"])
 
 
 def test_evolve_is_the_run_command(tmp_path):
@@ -93,7 +100,8 @@ def test_merge_is_a_subcommand(tmp_path):
 
 
 def test_version_prints_the_package_version(capsys):
-    import pytest
+    import numpy as np
+import pytest
     import evojax_merge
     from evojax_merge.cli import main
 

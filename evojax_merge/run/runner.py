@@ -300,8 +300,9 @@ def read_metrics(run_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     return out
 
 
-def read_curve(path: str | pathlib.Path) -> dict | None:
-    """The test-score curve of a run directory, or of a folder of one-seed run directories.
+def read_curve(path: str | pathlib.Path, metric: str = "test_score") -> dict | None:
+    """The curve of a metric (the best candidate's ``test_score``, or its fitness ``train_score``) of a run
+    directory, or of a folder of one-seed run directories.
 
     Methods too big to vmap over seeds (full CMA-ES on digits: 9-13 GB per seed) run one seed per directory,
     ``PATH/seed-42``, ``PATH/seed-43``, ...; their curves are joined column by column over the logged
@@ -335,7 +336,7 @@ def read_curve(path: str | pathlib.Path) -> dict | None:
     for d, m in zip(run_dirs[1:], metrics[1:]):
         if not np.array_equal(m["evaluations"][:length, 0], evaluations):
             raise ConfigError(f"{d} logged at other evaluations than {run_dirs[0]}: not comparable seeds")
-    values = np.concatenate([m["test_score"][:length] for m in metrics], axis=1)
+    values = np.concatenate([m[metric][:length] for m in metrics], axis=1)
     return {"label": configs[0].name, "evaluations": evaluations, "values": values,
             "budget": configs[0].run.evaluations}
 
