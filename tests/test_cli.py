@@ -100,8 +100,7 @@ def test_merge_is_a_subcommand(tmp_path):
 
 
 def test_version_prints_the_package_version(capsys):
-    import numpy as np
-import pytest
+    import pytest
     import evojax_merge
     from evojax_merge.cli import main
 
