@@ -169,7 +169,7 @@ def test_the_coefficient_archive_runs_as_the_archive_of_weights(tmp_path, method
 
 
 def test_a_resumed_coefficient_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    config = config_of("m2n2 + warm-up")
+    config = config_of("m2n2 + warm-up", "strategy.archive_form=coefficients")
     straight_dir, straight = run_config(config, tmp_path / "straight")
     writes, original = [], runner._write_metrics
 
@@ -185,6 +185,7 @@ def test_a_resumed_coefficient_run_equals_an_uninterrupted_one(tmp_path, monkeyp
     monkeypatch.setattr(runner, "_write_metrics", original)
     resumed = runner.resume(resumed_dir, progress=False)
     assert resumed["status"] == "complete"
+    assert "segments" in runner.read_metrics(resumed_dir)  # the coefficient form
     assert (resumed_dir / "metrics.csv").read_text() == (straight_dir / "metrics.csv").read_text()
     np.testing.assert_array_equal(archive_weights(resumed_dir), archive_weights(straight_dir))
     # The checkpoint holds coefficients and scores, not models: nothing of the seeds' size.
@@ -194,7 +195,7 @@ def test_a_resumed_coefficient_run_equals_an_uninterrupted_one(tmp_path, monkeyp
 
 
 def test_resuming_with_other_seed_models_is_refused(tmp_path, monkeypatch):
-    config = config_of("ga")
+    config = config_of("ga", "strategy.archive_form=coefficients")
     writes, original = [], runner._write_metrics
 
     def interrupt(*args):
