@@ -124,9 +124,8 @@ class ArchiveStrategy:
     def _archive_of_seeds(self, flat_seeds: jax.Array, num_rows: int):
         """An archive whose first rows are the seed models and the others empty."""
         if self.compact:
-            archive = coefficients.init(flat_seeds, num_rows, self.groups, self.max_segments)
-            n = flat_seeds.shape[0]
-            return archive.replace(coef=archive.coef.at[:n].set(coefficients.seed_rows(archive)))
+            archive = self._empty_archive(flat_seeds, num_rows)
+            return archive.replace(coef=archive.coef.at[:flat_seeds.shape[0]].set(coefficients.seed_rows(archive)))
         # One concatenation: updating rows of a zero archive made XLA hold a second copy of it.
         pad = jnp.zeros((num_rows - flat_seeds.shape[0], self.num_dims), self.dtype)
         return jnp.concatenate([flat_seeds.astype(self.dtype), pad])
@@ -134,9 +133,6 @@ class ArchiveStrategy:
     def _seed_rows(self, archive, flat_seeds: jax.Array) -> jax.Array:
         """The rows that are the seed models themselves."""
         return coefficients.seed_rows(archive) if self.compact else flat_seeds
-
-    def _row(self, archive, index: jax.Array) -> jax.Array:
-        return archive.coef[index] if self.compact else archive[index]
 
     def _put(self, archive, slot: jax.Array, row: jax.Array, accept: jax.Array):
         """``archive`` with ``row`` in ``slot`` where ``accept`` (a dynamic update, in place inside scan)."""
