@@ -18,6 +18,26 @@ def run_config(config, run_dir, **kwargs):
     return run_dir, runner.run(experiment, run_dir, progress=False, **kwargs)
 
 
+def run_interrupted(config, run_dir, monkeypatch, after: int = 1):
+    """Run ``config`` into ``run_dir`` and send SIGINT (as Ctrl-C would) once ``after`` logged points are
+    written: the run checkpoints at that point and returns. (run_dir, summary)."""
+    import signal
+
+    original, writes = runner._write_metrics, []
+
+    def interrupt(*args):
+        original(*args)
+        writes.append(1)
+        if len(writes) == after:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(runner, "_write_metrics", interrupt)
+    try:
+        return run_config(config, run_dir)
+    finally:
+        monkeypatch.setattr(runner, "_write_metrics", original)
+
+
 def final_runs(run_dir):
     """The loop state (``RunState`` with a leading seed axis) of a run directory's latest checkpoint.
 

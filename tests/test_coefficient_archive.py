@@ -7,8 +7,6 @@ archive forms over hundreds of generations: the same acceptances, scores and tes
 to float rounding; a resumed coefficient run equals an uninterrupted one, and checkpoints hold no seeds.
 """
 
-import signal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +19,7 @@ from evojax_merge.errors import CheckpointError
 from evojax_merge.merge.crossover import CrossoverGroups, grouped_split_point_crossover
 from evojax_merge.run import runner
 from evojax_merge.strategies import coefficient_archive as ca
-from run_helpers import archive_weights, final_runs, run_config
+from run_helpers import archive_weights, final_runs, run_config, run_interrupted
 
 jax.config.update("jax_enable_x64", False)
 
@@ -171,18 +169,8 @@ def test_the_coefficient_archive_runs_as_the_archive_of_weights(tmp_path, method
 def test_a_resumed_coefficient_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     config = config_of("m2n2 + warm-up", "strategy.archive_form=coefficients")
     straight_dir, straight = run_config(config, tmp_path / "straight")
-    writes, original = [], runner._write_metrics
-
-    def interrupt_after_first_chunk(*args):
-        original(*args)
-        writes.append(1)
-        if len(writes) == 1:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(runner, "_write_metrics", interrupt_after_first_chunk)
-    resumed_dir, first = run_config(config, tmp_path / "resumed")
+    resumed_dir, first = run_interrupted(config, tmp_path / "resumed", monkeypatch)
     assert first["status"] == "interrupted"
-    monkeypatch.setattr(runner, "_write_metrics", original)
     resumed = runner.resume(resumed_dir, progress=False)
     assert resumed["status"] == "complete"
     assert "segments" in runner.read_metrics(resumed_dir)  # the coefficient form
@@ -196,17 +184,7 @@ def test_a_resumed_coefficient_run_equals_an_uninterrupted_one(tmp_path, monkeyp
 
 def test_resuming_with_other_seed_models_is_refused(tmp_path, monkeypatch):
     config = config_of("ga", "strategy.archive_form=coefficients")
-    writes, original = [], runner._write_metrics
-
-    def interrupt(*args):
-        original(*args)
-        writes.append(1)
-        if len(writes) == 1:
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(runner, "_write_metrics", interrupt)
-    run_dir, first = run_config(config, tmp_path / "r")
-    monkeypatch.setattr(runner, "_write_metrics", original)
+    run_dir, first = run_interrupted(config, tmp_path / "r", monkeypatch)
     assert first["status"] == "interrupted"
     # Other pre-trained seeds: the same config with another pre-training step count.
     text = (run_dir / "config.yaml").read_text().replace("pretrain_steps: 10", "pretrain_steps: 11")

@@ -1,7 +1,6 @@
 """The compiled runner: budget accounting, determinism, resume equals an uninterrupted run."""
 
 import json
-import signal
 
 import jax
 import numpy as np
@@ -12,7 +11,7 @@ from evojax_merge.errors import CheckpointError, ConfigError
 from evojax_merge.run import runner
 from evojax_merge.run.checkpoint import RunCheckpoints
 from evojax_merge.run.engine import log_schedule
-from run_helpers import final_runs
+from run_helpers import final_runs, run_interrupted
 
 SMALL = [
     "problem.model.hidden_sizes=[16]",
@@ -89,20 +88,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     config = small_config()
     straight_dir, straight = run(tmp_path, "straight", config)
 
-    writes = []
-    original = runner._write_metrics
-
-    def interrupt_after_first_chunk(*args):
-        original(*args)
-        writes.append(1)
-        if len(writes) == 1:
-            signal.raise_signal(signal.SIGINT)  # as Ctrl-C would: a checkpoint at the next logged point
-
-    monkeypatch.setattr(runner, "_write_metrics", interrupt_after_first_chunk)
-    resumed_dir, first = run(tmp_path, "resumed", config)
+    # SIGINT after the first logged point, as Ctrl-C would: a checkpoint there.
+    resumed_dir, first = run_interrupted(config, tmp_path / "resumed", monkeypatch)
     assert first["status"] == "interrupted" and first["evaluations_per_seed"] == 102
     assert not (resumed_dir / "best").exists()  # only a complete run exports its best candidates
-    monkeypatch.setattr(runner, "_write_metrics", original)
 
     resumed = runner.resume(resumed_dir, progress=False)
     assert resumed["status"] == "complete"

@@ -147,7 +147,7 @@ class ArchiveStrategy:
         keep = self.compact or self.warmup > 0
         n = flat_seeds.shape[0]
         return {"seeds": flat_seeds if keep else None,
-                "seed_norms": jnp.sum(jnp.square(flat_seeds.astype(jnp.float32)), axis=1) if keep else None,
+                "seed_norms": squared_norms(flat_seeds) if keep else None,
                 "pending": jnp.zeros((self.num_children, self.max_segments, n), jnp.float32) if self.compact else None}
 
     def member(self, state, index: jax.Array):
@@ -185,7 +185,7 @@ class ArchiveStrategy:
         if state.seed_norms is None:
             return state, jnp.bool_(True)
         flat = jax.vmap(self.ravel)(population)
-        norms = jnp.sum(jnp.square(flat.astype(jnp.float32)), axis=1)
+        norms = squared_norms(flat)
         same = (norms.shape == state.seed_norms.shape) and jnp.allclose(norms, state.seed_norms, rtol=1e-5, atol=0.0)
         return state.replace(seeds=flat), same
 
@@ -296,6 +296,11 @@ class ArchiveStrategy:
     def _insert(self, row: jax.Array, child_scores: jax.Array, state, params):
         """(state, accepted) after offering one evaluated child (an archive row) to the archive."""
         raise NotImplementedError
+
+
+def squared_norms(flat_models: jax.Array) -> jax.Array:
+    """(n,) squared norms of flat models, in float32: what identifies a run's seed models on resume."""
+    return jnp.sum(jnp.square(flat_models.astype(jnp.float32)), axis=1)
 
 
 def warmup_draws(key: jax.Array, num_seeds: int, num_dims: int, split_groups: CrossoverGroups | None = None):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The M2N2 paper's language-model protocol on the SmolLM2 specialists: every method of this folder, one
 # after another, each resumed where it stopped (a complete run is skipped), so the set can be run across
-# as many sessions as it needs:
+# as many sittings as it needs:
 #
 #   bash experiments/llm_merge_smollm2/protocol/run_all.sh [EVALUATIONS [METHOD ...]]
 #
