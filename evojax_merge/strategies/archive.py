@@ -59,8 +59,10 @@ class ArchiveStrategy:
       split_point: draw a split point (False: one global SLERP with the mixing ratio).
       mutation: add N(0, mutation_std^2) noise (on from scratch, off for pre-trained seeds).
       archive_form: "auto", "coefficients" or "weights" (see the module docstring).
-      max_segments: segment slots of the coefficient form
-        (:func:`~evojax_merge.strategies.coefficient_archive.capacity_for` a budget).
+      max_segments: segment slots of the coefficient form; None: what a run of ``evaluations`` children
+        can need (:func:`~evojax_merge.strategies.coefficient_archive.capacity_for`), or
+        ``DEFAULT_MAX_SEGMENTS`` without a budget.
+      evaluations: the run's budget (children bred at most).
       num_slots: archive slots (what ``"auto"`` weighs the coefficients of against one model).
     """
 
@@ -68,8 +70,8 @@ class ArchiveStrategy:
 
     def __init__(self, solution, num_children: int, warmup: int = 0, num_seeds: int = 2,
                  split_groups: CrossoverGroups | None = None, *, crossover: bool = True, split_point: bool = True,
-                 mutation: bool = True, archive_form: str = "auto", max_segments: int = DEFAULT_MAX_SEGMENTS,
-                 num_slots: int = 1):
+                 mutation: bool = True, archive_form: str = "auto", max_segments: int | None = None,
+                 num_slots: int = 1, evaluations: int | None = None):
         if num_children < 1:
             raise ValueError(f"num_children must be at least 1, got {num_children}")
         if warmup < 0:
@@ -96,6 +98,9 @@ class ArchiveStrategy:
         self.split_groups = split_groups
         # The coefficient form treats "no groups" as one group over the whole vector.
         self.groups = split_groups or coefficients.whole_vector_groups(self.num_dims)
+        if max_segments is None:
+            max_segments = (DEFAULT_MAX_SEGMENTS if evaluations is None
+                            else coefficients.capacity_for(self.groups, evaluations))
         self.max_segments = max(max_segments, len(self.groups.run_ids) + 1)
         # auto: coefficients where they are exact (no mutation) and all slots' coefficients (K segments x n
         # seeds each) take less room than one member's weights. Every step touches all of them (merging

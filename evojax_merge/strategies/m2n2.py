@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from evojax_merge.merge.crossover import CrossoverGroups
-from evojax_merge.strategies.archive import DEFAULT_MAX_SEGMENTS, ArchiveStrategy
+from evojax_merge.strategies.archive import ArchiveStrategy
 
 
 @struct.dataclass
@@ -73,7 +73,7 @@ class M2N2(ArchiveStrategy):
       warmup: first children bred as random merges of two seeds (the paper's LLM setting: 50).
       archive_form: "auto" (coefficients without mutation where they are smaller than the weights),
         "coefficients" or "weights" (see :class:`~evojax_merge.strategies.archive.ArchiveStrategy`).
-      max_segments: segment slots of the coefficient form.
+      max_segments, evaluations: segment slots of the coefficient form, or the run's budget that sizes them.
       split_groups: groups of parameters with their own split point and mixing ratio (the paper's
         diffusion setting: attention layers and the rest); None: one split point over all parameters.
       relative_scores: competition and attraction see, on every data point, the score minus the lowest
@@ -94,13 +94,14 @@ class M2N2(ArchiveStrategy):
         split_groups: CrossoverGroups | None = None,
         relative_scores: bool = False,
         archive_form: str = "auto",
-        max_segments: int = DEFAULT_MAX_SEGMENTS,
+        max_segments: int | None = None,
+        evaluations: int | None = None,
     ):
         if archive_size < 2:
             raise ValueError(f"archive_size must be at least 2, got {archive_size}")
         super().__init__(solution, num_children, warmup, num_seeds, split_groups, crossover=crossover,
                          split_point=split_point, mutation=mutation, archive_form=archive_form,
-                         max_segments=max_segments, num_slots=archive_size)
+                         max_segments=max_segments, evaluations=evaluations, num_slots=archive_size)
         self.archive_size = archive_size
         self.matchmaker = matchmaker
         self.relative_scores = relative_scores

@@ -27,7 +27,7 @@ import numpy as np
 from flax import struct
 
 from evojax_merge.merge.crossover import CrossoverGroups
-from evojax_merge.strategies.archive import DEFAULT_MAX_SEGMENTS, ArchiveStrategy
+from evojax_merge.strategies.archive import ArchiveStrategy
 from evojax_merge.strategies.m2n2 import sample_proportional
 
 # Descriptors are often fractions k/n computed in float32 (7/10 -> 0.69999999): a value this close (in
@@ -86,13 +86,14 @@ class MAPElites(ArchiveStrategy):
         num_seeds: int = 2,
         split_groups: CrossoverGroups | None = None,
         archive_form: str = "auto",
-        max_segments: int = DEFAULT_MAX_SEGMENTS,
+        max_segments: int | None = None,
+        evaluations: int | None = None,
     ):
         if num_axes < 1 or bins < 1:
             raise ValueError(f"num_axes and bins must be at least 1, got {num_axes} and {bins}")
         super().__init__(solution, num_children, warmup, num_seeds, split_groups, crossover=crossover,
                          split_point=split_point, mutation=mutation, archive_form=archive_form,
-                         max_segments=max_segments, num_slots=bins**num_axes)
+                         max_segments=max_segments, evaluations=evaluations, num_slots=bins**num_axes)
         self.descriptor_fn = descriptor_fn
         self.num_axes = num_axes
         self.bins = bins

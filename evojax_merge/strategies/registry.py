@@ -28,10 +28,9 @@ import inspect
 from evojax_merge.config import check as _check
 from evojax_merge.config import options as read_options
 from evojax_merge.errors import ConfigError
-from evojax_merge.merge.crossover import crossover_groups, num_params
+from evojax_merge.merge.crossover import crossover_groups
 from evojax_merge.plugins import load_attribute
 from evojax_merge.strategies.archive import ARCHIVE_FORMS
-from evojax_merge.strategies.coefficient_archive import capacity_for, whole_vector_groups
 from evojax_merge.strategies.evosax_adapter import build_evosax, is_evosax_name
 
 
@@ -77,16 +76,12 @@ class ArchiveOptions:
         return None if self.split_groups is None else crossover_groups(template, self.split_groups)
 
     def archive_arguments(self, template, evaluations: int | None) -> dict:
-        """Constructor arguments of the archive's breeding and form; a coefficient archive gets the segment
-        slots no run of ``evaluations`` children can outgrow."""
-        groups = self.crossover_groups(template)
-        arguments = {"crossover": self.crossover, "split_point": self.split_point, "mutation": self.mutation_std > 0,
-                     "warmup": self.warmup, "num_seeds": self.num_seed_models, "split_groups": groups,
-                     "num_children": self.children_per_step, "archive_form": self.archive_form}
-        if evaluations is not None:
-            whole = groups or whole_vector_groups(num_params(template))
-            arguments["max_segments"] = capacity_for(whole, evaluations)
-        return arguments
+        """Constructor arguments of the archive's breeding and form; ``evaluations`` (the run's budget)
+        sizes a coefficient archive's segment slots."""
+        return {"crossover": self.crossover, "split_point": self.split_point, "mutation": self.mutation_std > 0,
+                "warmup": self.warmup, "num_seeds": self.num_seed_models,
+                "split_groups": self.crossover_groups(template), "num_children": self.children_per_step,
+                "archive_form": self.archive_form, "evaluations": evaluations}
 
 
 @dataclasses.dataclass
